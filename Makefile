@@ -1,0 +1,23 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` the test suite.
+# Both bootstrap uv into .tools/ when it is not on PATH and sync the locked environment.
+PYTHON ?= python3
+UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
+
+.PHONY: demo test lint bench sync
+
+.tools/bin/uv:
+	$(PYTHON) -m venv .tools
+	.tools/bin/python -m pip install --quiet uv
+
+sync: $(UV)
+	$(UV) sync --frozen
+
+demo: sync
+	$(UV) run dvc repro
+
+test: sync
+	$(UV) run ruff check .
+	$(UV) run pytest -q
+
+bench: sync
+	$(UV) run python benchmarks/bench_prepare.py

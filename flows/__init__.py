@@ -1,0 +1,1 @@
+"""Prefect flows: the orchestration edge of the pipeline (retraining, search)."""

@@ -1,0 +1,7 @@
+"""Multi-modality image fusion: data preparation, DAE-Fuse training, inference and metrics.
+
+The package is a plain library: importing it starts no Ray, Prefect or MLflow
+machinery; orchestration lives in ``flows/`` and the stage CLIs.
+"""
+
+__version__ = "0.1.0"

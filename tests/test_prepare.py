@@ -1,0 +1,159 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from fusion.errors import FusionError
+from fusion.params import DataParams
+from fusion.prepare import patch_offsets, prepare
+from fusion.shards import iter_shard, shard_paths
+from tests.conftest import REPO, save, textured
+
+SMALL = DataParams(raw=[], out="", patch_size=16, stride=16, min_patch_std=0.02, val_ratio=0.0)
+
+
+def _dataset(root: Path) -> Path:
+    """Three good pairs (grey+RGB, 16-bit TIFF) and one of every bad-input kind."""
+    save(root / "ir" / "good1.png", textured(40, 48, 1))
+    save(root / "vi" / "good1.jpg", textured(40, 48, 2, rgb=True))
+    save(root / "ir" / "good2.bmp", textured(33, 35, 3))
+    save(root / "vi" / "good2.png", textured(33, 35, 4))
+    save(root / "ir" / "deep.tif", textured(32, 32, 5, bits=16))
+    save(root / "vi" / "deep.tif", textured(32, 32, 6, bits=16))
+    save(root / "ir" / "mismatch.png", textured(40, 48, 7))
+    save(root / "vi" / "mismatch.png", textured(41, 48, 8))
+    save(root / "ir" / "broken.png", textured(40, 48, 9))
+    (root / "vi" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    save(root / "ir" / "empty.png", textured(40, 48, 10))
+    (root / "vi" / "empty.png").write_bytes(b"")
+    save(root / "ir" / "flat.png", np.full((40, 48), 77, np.uint8))
+    save(root / "vi" / "flat.png", textured(40, 48, 11))
+    save(root / "ir" / "alone.png", textured(40, 48, 12))
+    (root / "vi" / "movie.gif").write_bytes(b"GIF89a")
+    return root
+
+
+def test_bad_inputs_are_reported_and_good_pairs_written(tmp_path):
+    root = _dataset(tmp_path / "raw")
+    out = tmp_path / "out"
+    result = prepare(SMALL, raw=[str(root)], out=str(out), exclude=[])
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert [r["id"] for r in manifest] == ["raw/deep", "raw/good1", "raw/good2"]
+    rejects = {r["path"]: r["reason"] for r in pq.read_table(out / "rejects.parquet").to_pylist()}
+    assert rejects["raw/vi/mismatch.png"].startswith("size mismatch: mismatch.png is 48x40")
+    assert rejects["raw/vi/broken.png"].startswith("cannot decode image")
+    assert rejects["raw/vi/empty.png"] == "empty file"
+    assert rejects["raw/ir/flat.png"] == "constant image (every pixel is 77)"
+    assert rejects["raw/ir/alone.png"] == "no partner in vi/"
+    assert rejects["raw/vi/movie.gif"] == "unsupported format '.gif'"
+    assert len(result.rejects) == 6
+    deep = next(r for r in manifest if r["id"] == "raw/deep")
+    assert (deep["a_bits"], deep["b_bits"], deep["height"], deep["width"]) == (16, 16, 32, 32)
+    good1 = next(r for r in manifest if r["id"] == "raw/good1")
+    assert (good1["a_channels"], good1["b_channels"]) == (1, 3)
+    assert good1["a_path"] == "raw/ir/good1.png" and len(good1["a_sha256"]) == 64
+
+
+def test_strict_and_no_valid_pair_fail_without_touching_previous_output(tmp_path):
+    root = _dataset(tmp_path / "raw")
+    out = tmp_path / "out"
+    prepare(SMALL, raw=[str(root)], out=str(out), exclude=[])
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*.parquet"))}
+    strict = DataParams(**{**SMALL.__dict__, "strict": True})
+    with pytest.raises(FusionError, match=r"strict\): 6 input\(s\) rejected"):
+        prepare(strict, raw=[str(root)], out=str(out), exclude=[])
+    bad = tmp_path / "bad"
+    save(bad / "ir" / "x.png", textured(10, 10))
+    save(bad / "vi" / "x.png", textured(11, 10))
+    with pytest.raises(FusionError, match="no valid pair found .*size mismatch"):
+        prepare(SMALL, raw=[str(bad)], out=str(out), exclude=[])
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*.parquet"))} == before
+    assert not list(tmp_path.glob(".*"))  # no temporary folders left behind
+
+
+def test_luma_conversion_and_patch_contents(tmp_path):
+    rgb = textured(32, 32, 2, rgb=True)
+    save(tmp_path / "raw" / "ir" / "p.png", textured(32, 32, 1))
+    save(tmp_path / "raw" / "vi" / "p.png", rgb)
+    params = DataParams(**{**SMALL.__dict__, "patch_size": 32})
+    prepare(params, raw=[str(tmp_path / "raw")], out=str(tmp_path / "out"), exclude=[])
+    (a, b), = list(iter_shard(shard_paths(tmp_path / "out" / "patches", "train")[0]))
+    expected_y = (0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]) / 255.0
+    assert np.abs(b[0] - expected_y).max() <= 0.5 / 255 + 1e-6
+    assert np.array_equal(a[0], textured(32, 32, 1) / np.float32(255.0))
+
+
+def test_offsets_cover_the_far_edge():
+    assert patch_offsets(300, 128, 64) == [0, 64, 128, 172]
+    assert patch_offsets(128, 128, 64) == [0]
+    assert patch_offsets(100, 128, 64) == []
+
+
+def test_low_texture_patches_are_dropped(tmp_path):
+    a = textured(32, 64, 1)
+    a[:, :32] = 10
+    b = textured(32, 64, 2)
+    b[:, :32] = 200
+    save(tmp_path / "raw" / "ir" / "p.png", a)
+    save(tmp_path / "raw" / "vi" / "p.png", b)
+    params = DataParams(**{**SMALL.__dict__, "patch_size": 32, "stride": 32})
+    result = prepare(params, raw=[str(tmp_path / "raw")], out=str(tmp_path / "out"), exclude=[])
+    assert result.patches["train"] == 1
+    rows = pq.read_table(shard_paths(tmp_path / "out" / "patches", "train")[0]).to_pylist()
+    assert [(r["y"], r["x"]) for r in rows] == [(0, 32)]
+
+
+def test_deterministic_bytes_and_bounded_shards(tmp_path, shared_data):
+    params = DataParams(raw=[str(shared_data / "roadscene")], out="", val_ratio=0.2,
+                        shard_max_mb=2.0,
+                        exclude=[str(shared_data / "roadscene" / "test_split.txt")])
+    outs = [tmp_path / "one", tmp_path / "two"]
+    for out in outs:
+        prepare(params, out=str(out))
+    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*.parquet"))
+    assert len(files) > 4
+    for rel in files:
+        assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
+    for shard in (outs[0] / "patches").glob("*.parquet"):
+        assert shard.stat().st_size < 2 * 2**20
+
+
+def test_roadscene_split_keeps_test_pairs_out_of_training(tmp_path, shared_data):
+    test_names = (shared_data / "roadscene" / "test_split.txt").read_text().split()
+    params = DataParams(raw=[str(shared_data / "roadscene")], out=str(tmp_path / "rs"),
+                        exclude=[str(shared_data / "roadscene" / "test_split.txt")])
+    result = prepare(params)
+    assert result.splits["train"] + result.splits["val"] == 171
+    assert result.splits["test"] == 50 and not result.rejects
+    manifest = pq.read_table(tmp_path / "rs" / "manifest.parquet").to_pylist()
+    test_stems = {Path(n).stem for n in test_names}
+    assert {r["id"].split("/")[-1] for r in manifest if r["split"] == "test"} == test_stems
+    trained = set()
+    for shard in sorted((tmp_path / "rs" / "patches").glob("*.parquet")):
+        trained |= set(pq.read_table(shard, columns=["pair_id"]).column("pair_id").to_pylist())
+    assert trained and not {t.split("/")[-1] for t in trained} & test_stems
+    assert sum(r["patches"] for r in manifest) == sum(result.patches.values())
+
+
+def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fusion.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_prints_summary_and_clear_errors(tmp_path):
+    root = _dataset(tmp_path / "raw")
+    run = _cli("prepare", "--raw", str(root), "--out", str(tmp_path / "out"), "--exclude",
+               "--summary", str(tmp_path / "s.json"), "--set", "data.patch_size=16")
+    assert run.returncode == 0, run.stderr
+    assert "prepare: 3 pairs (3 train), " in run.stdout and "6 rejected" in run.stdout
+    assert "rejected raw/vi/empty.png: empty file" in run.stderr
+    run = _cli("prepare", "--raw", str(root), "--out", str(tmp_path / "out"),
+               "--set", "data.strict=true", "--exclude")
+    assert run.returncode == 2
+    assert run.stderr.startswith("fusion prepare: error: prepare (strict)")
+    assert "Traceback" not in run.stderr
+    run = _cli("prepare", "--raw", str(root), "--exclude", str(tmp_path / "missing.txt"))
+    assert run.returncode == 2 and "missing.txt: cannot read exclusion list" in run.stderr
