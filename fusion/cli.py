@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from fusion.errors import FusionError
 from fusion.params import Params, load_params
@@ -30,6 +31,22 @@ def _prepare(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace, params: Params) -> int:
+    from fusion.scoring import format_table, score_folders, write_json
+
+    report = score_folders(args.fused, args.a, args.b, params.metrics, device=args.device)
+    for error in report.errors:
+        print(f"  {error}", file=sys.stderr)
+    if report.per_image:
+        print(format_table({f"{Path(args.fused).name} (n={len(report.per_image)})":
+                            report.means()}))
+    if args.json:
+        write_json(report, args.json)
+    if not report.per_image:
+        raise FusionError(f"{args.fused}: no fused image could be scored")
+    return 1 if report.errors else 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     parser = argparse.ArgumentParser(prog="fusion", description=__doc__)
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -45,6 +62,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     p.add_argument("--summary", default=None, metavar="JSON",
                    help="counts for `dvc metrics` (default: data.summary)")
     handlers["prepare"] = _prepare
+
+    p = sub.add_parser("score", help="score fused images against their sources (EN, SD, ...)")
+    _common(p)
+    p.add_argument("--fused", required=True, metavar="DIR", help="fused images")
+    p.add_argument("--a", required=True, metavar="DIR", help="source A images (ir / mri)")
+    p.add_argument("--b", required=True, metavar="DIR", help="source B images (vi / ct ...)")
+    p.add_argument("--json", default=None, metavar="OUT", help="per-image values and means")
+    p.add_argument("--device", default="cpu", help="torch device for the metrics")
+    handlers["score"] = _score
     return parser, handlers
 
 

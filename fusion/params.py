@@ -37,8 +37,23 @@ class DataParams:
 
 
 @dataclass(frozen=True)
+class MetricParams:
+    """The ``metrics`` section: definition variants; defaults reproduce the published evaluator."""
+
+    ssim_data_range: float = 2.0
+    mi_unit: str = "nats"
+
+    def __post_init__(self) -> None:
+        if self.mi_unit not in ("nats", "bits"):
+            raise FusionError(f"metrics.mi_unit must be 'nats' or 'bits', got {self.mi_unit!r}")
+        if self.ssim_data_range <= 0:
+            raise FusionError("metrics.ssim_data_range must be positive")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
+    metrics: MetricParams = field(default_factory=MetricParams)
 
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:
