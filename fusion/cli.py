@@ -47,6 +47,36 @@ def _score(args: argparse.Namespace, params: Params) -> int:
     return 1 if report.errors else 0
 
 
+def _train(args: argparse.Namespace, params: Params) -> int:
+    from fusion.runs import train_local
+
+    out = train_local(params, args.phase, fresh=args.fresh)
+    print(f"phase {args.phase}: model exported to {out}")
+    return 0
+
+
+def _fuse(args: argparse.Namespace, params: Params) -> int:
+    from fusion.checkpoint import load_model
+    from fusion.inference import TileSpec, fuse_files, fuse_folders
+    from fusion.train import resolve_device
+
+    device = resolve_device(args.device or params.train.device)
+    model = load_model(args.model, device)
+    tiles = TileSpec(args.tile, args.overlap)
+    a, b, out = Path(args.a), Path(args.b), Path(args.output)
+    if a.is_dir() != b.is_dir():
+        raise FusionError("--a and --b must both be files or both be folders")
+    if not a.is_dir():
+        fuse_files(model, a, b, out, tiles, device)
+        print(f"fused {a.name} + {b.name} -> {out}")
+        return 0
+    written, errors = fuse_folders(model, a, b, out, tiles, device)
+    for error in errors:
+        print(f"  {error}", file=sys.stderr)
+    print(f"fused {len(written)} pairs -> {out}, {len(errors)} failed")
+    return 1 if errors else 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     parser = argparse.ArgumentParser(prog="fusion", description=__doc__)
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -62,6 +92,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     p.add_argument("--summary", default=None, metavar="JSON",
                    help="counts for `dvc metrics` (default: data.summary)")
     handlers["prepare"] = _prepare
+
+    p = sub.add_parser("train", help="train DAE-Fuse phase 1 (feature extraction) or 2 (fusion)")
+    _common(p)
+    p.add_argument("--phase", type=int, choices=(1, 2), required=True)
+    p.add_argument("--fresh", action="store_true",
+                   help="discard this configuration's checkpoints instead of resuming")
+    handlers["train"] = _train
+
+    p = sub.add_parser("fuse", help="fuse one pair or two folders of pairs with a trained model")
+    _common(p)
+    p.add_argument("--model", required=True, help="exported model folder")
+    p.add_argument("--a", required=True, help="source A image or folder (ir / mri)")
+    p.add_argument("--b", required=True, help="source B image or folder (vi / ct / pet ...)")
+    p.add_argument("-o", "--output", required=True, help="output PNG, or folder in folder mode")
+    p.add_argument("--tile", type=int, default=1024,
+                   help="tile side for large images (default 1024); smaller saves memory")
+    p.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels")
+    p.add_argument("--device", default=None, help="torch device (default: train.device)")
+    handlers["fuse"] = _fuse
 
     p = sub.add_parser("score", help="score fused images against their sources (EN, SD, ...)")
     _common(p)

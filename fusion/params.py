@@ -37,6 +37,72 @@ class DataParams:
 
 
 @dataclass(frozen=True)
+class ModelParams:
+    """The ``model`` section: DAE-Fuse sizes (see DESIGN.md section 2)."""
+
+    channels: int = 24  # C: width of the shallow encoder and the decoder
+    stem_stride: int = 2  # pixel-unshuffle factor before the encoder (1: full resolution)
+    heads: int = 2  # channel-attention heads (Restormer blocks, cross-modality fusion)
+    ffn_factor: float = 2.0  # gated-dconv feed-forward expansion
+    fusion_ffn_factor: float = 0.0  # feed-forward after cross attention (0: none)
+    se_blocks: int = 1  # Restormer blocks in the shallow encoder
+    dhe_blocks: int = 2  # ResNet-18 basic blocks in the high-frequency encoder
+    vit_patch: int = 8  # low-frequency encoder token stride
+    vit_dim: int = 64
+    vit_depth: int = 2
+    vit_heads: int = 4
+    decoder_blocks: int = 1
+    disc_channels: int = 32
+    disc_layers: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("channels", "vit_dim"):
+            heads = self.heads if name == "channels" else self.vit_heads
+            if getattr(self, name) % heads:
+                raise FusionError(f"model.{name} must be divisible by its number of heads")
+
+
+@dataclass(frozen=True)
+class LossParams:
+    """The ``loss`` section: the weights the search tunes (DESIGN.md section 3)."""
+
+    lam: float = 0.1  # phase I: weight of the adversarial term (lambda)
+    sigma: float = 0.2  # phase I: sigma * L_corr + (1 - sigma) * L_content
+    w_text: float = 1.0  # phase II texture term
+    w_int: float = 1.0  # phase II intensity term
+    w_adv: float = 0.1  # phase II adversarial term
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sigma <= 1.0:
+            raise FusionError(f"loss.sigma must be in [0, 1], got {self.sigma}")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """The ``train`` section: the loop shared by single-process and Ray Train runs."""
+
+    data: str = "data/prepared"  # output of `fusion prepare` (reads patches/train-*)
+    phase1_out: str = "models/phase1"
+    phase2_out: str = "models/phase2"
+    curves: str = "reports"  # loss curves for `dvc plots`: reports/phase{1,2}_curve.csv
+    checkpoints: str = "checkpoints"  # resumable checkpoints, one folder per run name
+    keep_checkpoints: int = 2
+    phase1_steps: int = 500
+    phase2_steps: int = 500
+    batch_size: int = 8
+    crop: int = 0  # random crop inside each patch (0: whole patch)
+    lr: float = 5e-4  # autoencoder / fusion Adam learning rate
+    d_lr: float = 2e-4  # discriminator Adam learning rate
+    lr_min_ratio: float = 0.1  # cosine decay from lr to lr * ratio
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available
+    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    log_every: int = 10
+    checkpoint_every: int = 100
+
+
+@dataclass(frozen=True)
 class MetricParams:
     """The ``metrics`` section: definition variants; defaults reproduce the published evaluator."""
 
@@ -53,6 +119,9 @@ class MetricParams:
 @dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    loss: LossParams = field(default_factory=LossParams)
+    train: TrainParams = field(default_factory=TrainParams)
     metrics: MetricParams = field(default_factory=MetricParams)
 
 

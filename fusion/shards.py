@@ -72,7 +72,7 @@ def shard_paths(folder: str | Path, split: str) -> list[Path]:
     return sorted(Path(folder).glob(f"{split}-*.parquet"))
 
 
-def _decode(column: pa.Array, bits: pa.Array, size: int) -> np.ndarray:
+def decode_patches(column: pa.Array, bits: pa.Array, size: int) -> np.ndarray:
     """Binary patch column -> float32 (N, size, size) in [0, 1]."""
     out = np.empty((len(column), size, size), dtype=np.float32)
     for i, (raw, depth) in enumerate(zip(column.to_pylist(), bits.to_pylist(), strict=True)):
@@ -91,5 +91,5 @@ def iter_shard(path: str | Path, batch_rows: int = ROW_GROUP_ROWS
     except (OSError, pa.ArrowException, KeyError, TypeError) as exc:
         raise FusionError(f"{path}: not a patch shard ({exc})") from exc
     for batch in file.iter_batches(batch_size=batch_rows):
-        yield (_decode(batch.column("a"), batch.column("a_bits"), size),
-               _decode(batch.column("b"), batch.column("b_bits"), size))
+        yield (decode_patches(batch.column("a"), batch.column("a_bits"), size),
+               decode_patches(batch.column("b"), batch.column("b_bits"), size))

@@ -32,3 +32,37 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"benchmark data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+TINY_MODEL = {"channels": 8, "heads": 2, "se_blocks": 1, "dhe_blocks": 1, "vit_patch": 4,
+              "vit_dim": 16, "vit_depth": 1, "vit_heads": 2, "decoder_blocks": 1,
+              "disc_channels": 8, "disc_layers": 2}
+
+
+def tiny_params(tmp: Path, **train):
+    """Params of a seconds-long run on the bundled sample, everything written under ``tmp``."""
+    from fusion.params import DataParams, ModelParams, Params, TrainParams
+
+    settings = {"data": str(tmp / "prepared"), "phase1_out": str(tmp / "phase1"),
+                "phase2_out": str(tmp / "phase2"), "curves": str(tmp / "reports"),
+                "checkpoints": str(tmp / "ck"), "phase1_steps": 30, "phase2_steps": 30,
+                "batch_size": 4, "lr": 2e-3, "d_lr": 1e-3, "log_every": 5,
+                "checkpoint_every": 10, "device": "cpu", **train}
+    data = DataParams(raw=[str(REPO / "data/sample/roadscene")], out=str(tmp / "prepared"),
+                      exclude=[str(REPO / "data/sample/roadscene/test_split.txt")],
+                      patch_size=48, stride=48)
+    return Params(data=data, model=ModelParams(**TINY_MODEL), train=TrainParams(**settings))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """Sample data prepared and both phases trained once per session with the tiny model."""
+    from fusion.prepare import prepare
+    from fusion.runs import train_local
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    params = tiny_params(tmp)
+    prepare(params.data)
+    train_local(params, 1)
+    train_local(params, 2)
+    return params

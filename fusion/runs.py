@@ -1,0 +1,99 @@
+"""Single-process training runs: run names, resumable checkpoints, exports and curves.
+
+A run's name is its phase plus a hash of everything that shapes its result (model, loss
+and training parameters, the dataset manifest, the phase I model for phase II): a rerun
+of the same configuration resumes its own checkpoints, a different one never does.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from fusion.checkpoint import export_model, load_state, save_state
+from fusion.data import PatchStream
+from fusion.errors import FusionError
+from fusion.params import Params
+from fusion.train import Hooks, Trainer, resolve_device
+
+RESULT_KEYS = ("phase1_steps", "phase2_steps", "batch_size", "crop", "lr", "d_lr",
+               "lr_min_ratio", "grad_clip", "seed")
+
+
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "missing"
+
+
+def run_name(params: Params, phase: int) -> str:
+    t = params.train
+    key = {"phase": phase, "model": dataclasses.asdict(params.model),
+           "loss": dataclasses.asdict(params.loss),
+           "train": {k: getattr(t, k) for k in RESULT_KEYS},
+           "manifest": _file_sha(Path(t.data) / "manifest.parquet")}
+    if phase == 2:
+        key["phase1"] = _file_sha(Path(t.phase1_out) / "model.safetensors")
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return f"phase{phase}-{digest}"
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temp folders are never listed)."""
+    return sorted(p for p in folder.glob("step-*") if (p / "state.pt").exists())
+
+
+def write_curve(rows: list[dict[str, float]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=names)
+        writer.writeheader()
+        writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v)
+                          for k, v in row.items()} for row in rows)
+
+
+def progress(phase: int, total: int) -> callable:
+    start = time.perf_counter()
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        elapsed = time.perf_counter() - start
+        terms = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "lr")
+        print(f"phase {phase} step {step}/{total} ({elapsed:.0f}s) {terms}", file=sys.stderr,
+              flush=True)
+    return report
+
+
+def train_local(params: Params, phase: int, fresh: bool = False) -> Path:
+    """Train one phase in this process (resuming its checkpoints) and export the model."""
+    t = params.train
+    init = None
+    if phase == 2:
+        init = Path(t.phase1_out)
+        if not (init / "model.safetensors").exists():
+            raise FusionError(f"{init}: no phase I model (run `fusion train --phase 1` first)")
+    name = run_name(params, phase)
+    folder = Path(t.checkpoints) / name
+    if fresh:
+        shutil.rmtree(folder, ignore_errors=True)
+    trainer = Trainer(params, phase, resolve_device(t.device), init=init)
+    existing = checkpoints(folder)
+    if existing:
+        trainer.load(load_state(existing[-1]))
+        print(f"phase {phase}: resuming {name} from step {trainer.step}", file=sys.stderr)
+    stream = PatchStream(Path(t.data) / "patches", "train", t.batch_size, t.seed, crop=t.crop)
+
+    def save(step: int, state: dict) -> None:
+        save_state(state, folder / f"step-{step:07d}")
+        for old in checkpoints(folder)[:-t.keep_checkpoints]:
+            shutil.rmtree(old)
+
+    trainer.fit(stream.batch, Hooks(report=progress(phase, trainer.steps), save=save))
+    write_curve(trainer.curve, Path(t.curves) / f"phase{phase}_curve.csv")
+    out = Path(t.phase1_out if phase == 1 else t.phase2_out)
+    return export_model(out, trainer.model, trainer.disc,
+                        {"phase": phase, "run": name, "steps": trainer.step})
