@@ -22,3 +22,4 @@ test: sync
 bench: sync
 	$(UV) run python benchmarks/bench_prepare.py
 	$(UV) run python benchmarks/bench_metrics.py
+	$(UV) run python benchmarks/bench_model.py

@@ -77,6 +77,18 @@ def _fuse(args: argparse.Namespace, params: Params) -> int:
     return 1 if errors else 0
 
 
+def _evaluate(args: argparse.Namespace, params: Params) -> int:
+    from fusion.evaluate import evaluate
+    from fusion.scoring import format_table
+
+    summary = evaluate(params)
+    for name, methods in summary.items():
+        print(f"{name} ({int(methods['model']['pairs'])} pairs)")
+        print(format_table(methods))
+    print(f"report: {Path(params.evaluate.out) / 'report.md'}")
+    return 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     parser = argparse.ArgumentParser(prog="fusion", description=__doc__)
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -111,6 +123,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     p.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels")
     p.add_argument("--device", default=None, help="torch device (default: train.device)")
     handlers["fuse"] = _fuse
+
+    p = sub.add_parser("evaluate", help="fuse and score every benchmark set, with baselines")
+    _common(p)
+    handlers["evaluate"] = _evaluate
 
     p = sub.add_parser("score", help="score fused images against their sources (EN, SD, ...)")
     _common(p)

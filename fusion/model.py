@@ -121,7 +121,10 @@ class DAEFuse(nn.Module):
         self.dec_reduce = nn.Conv2d(2 * c, c, 1)
         self.dec = nn.ModuleList(RestormerBlock(c, p.heads, p.ffn_factor)
                                  for _ in range(p.decoder_blocks))
-        self.dec_out = nn.Conv2d(c, s2, 3, padding=1)
+        # shuffle to a few full-resolution channels and finish with a full-resolution conv:
+        # a lone pixel-shuffle to one channel leaves a 2x2 checkerboard
+        self.dec_out = nn.Conv2d(c, s2 * 8, 3, padding=1)
+        self.dec_full = nn.Conv2d(8, 1, 3, padding=1)
         self.cross_a = RestormerBlock(2 * c, p.heads, p.fusion_ffn_factor, cross=True)
         self.cross_b = RestormerBlock(2 * c, p.heads, p.fusion_ffn_factor, cross=True)
         self.fuse_reduce = nn.Conv2d(4 * c, 2 * c, 1)
@@ -146,7 +149,8 @@ class DAEFuse(nn.Module):
         x = self.dec_reduce(phi)
         for block in self.dec:
             x = block(x)
-        return torch.sigmoid(F.pixel_shuffle(self.dec_out(x), self.params.stem_stride))
+        x = F.pixel_shuffle(self.dec_out(x), self.params.stem_stride)
+        return torch.sigmoid(self.dec_full(F.gelu(x)))
 
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Phase I: (reconstruction, high-freq features, low-freq features)."""

@@ -87,8 +87,8 @@ class TrainParams:
     curves: str = "reports"  # loss curves for `dvc plots`: reports/phase{1,2}_curve.csv
     checkpoints: str = "checkpoints"  # resumable checkpoints, one folder per run name
     keep_checkpoints: int = 2
-    phase1_steps: int = 500
-    phase2_steps: int = 500
+    phase1_steps: int = 150
+    phase2_steps: int = 150
     batch_size: int = 8
     crop: int = 0  # random crop inside each patch (0: whole patch)
     lr: float = 5e-4  # autoencoder / fusion Adam learning rate
@@ -100,6 +100,36 @@ class TrainParams:
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
     log_every: int = 10
     checkpoint_every: int = 100
+
+
+@dataclass(frozen=True)
+class BenchmarkSet:
+    """One test set: two source folders matched by stem, optionally only the listed names."""
+
+    name: str
+    a: str
+    b: str
+    names: str = ""  # file listing the pairs to use (e.g. roadscene/test_split.txt)
+
+
+def _default_sets() -> list[BenchmarkSet]:
+    return [BenchmarkSet("tno", "data/sample/tno/ir", "data/sample/tno/vi"),
+            BenchmarkSet("roadscene_test", "data/sample/roadscene/ir",
+                         "data/sample/roadscene/vi", "data/sample/roadscene/test_split.txt"),
+            BenchmarkSet("mri_ct", "data/sample/mri_ct/mri", "data/sample/mri_ct/ct")]
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """The ``evaluate`` section: which sets to fuse and score, and where reports go."""
+
+    model: str = "models/phase2"
+    sets: list[BenchmarkSet] = field(default_factory=_default_sets)
+    out: str = "reports/eval"  # per-image parquet, report.md, fused images
+    grids: str = "reports/grids"  # one PNG per set (A | B | fused) for `dvc plots`
+    summary: str = "reports/metrics.json"  # per-set means for `dvc metrics show`
+    grid_rows: int = 4  # pairs shown per grid image
+    tile: int = 1024
 
 
 @dataclass(frozen=True)
@@ -122,12 +152,15 @@ class Params:
     model: ModelParams = field(default_factory=ModelParams)
     loss: LossParams = field(default_factory=LossParams)
     train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     metrics: MetricParams = field(default_factory=MetricParams)
 
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:
     """Return ``value`` coerced to ``hint`` (int -> float only) or raise naming ``where``."""
     origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -154,14 +187,16 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(raw) - names)
     if unknown:
         raise FusionError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = sorted(required - set(raw))
+    if missing:
+        raise FusionError(f"{where}: missing key(s) {missing}")
     kwargs = {}
     for name, value in raw.items():
         hint = hints[name]
         sub = f"{where}.{name}" if where else name
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, sub)
-        else:
-            kwargs[name] = _check_type(value, hint, sub)
+        kwargs[name] = _check_type(value, hint, sub)
     return cls(**kwargs)
 
 

@@ -1,8 +1,9 @@
 """Single-process training runs: run names, resumable checkpoints, exports and curves.
 
 A run's name is its phase plus a hash of everything that shapes its result (model, loss
-and training parameters, the dataset manifest, the phase I model for phase II): a rerun
-of the same configuration resumes its own checkpoints, a different one never does.
+and training parameters, the dataset manifest, the training code, the phase I model for
+phase II): a rerun of the same configuration resumes its own checkpoints (e.g. after a
+crash), a different one never does.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fusion.errors import FusionError
 from fusion.params import Params
 from fusion.train import Hooks, Trainer, resolve_device
 
+CODE = ("model.py", "losses.py", "train.py", "data.py")  # code that shapes the weights
 RESULT_KEYS = ("phase1_steps", "phase2_steps", "batch_size", "crop", "lr", "d_lr",
                "lr_min_ratio", "grad_clip", "seed")
 
@@ -35,7 +37,8 @@ def run_name(params: Params, phase: int) -> str:
     key = {"phase": phase, "model": dataclasses.asdict(params.model),
            "loss": dataclasses.asdict(params.loss),
            "train": {k: getattr(t, k) for k in RESULT_KEYS},
-           "manifest": _file_sha(Path(t.data) / "manifest.parquet")}
+           "manifest": _file_sha(Path(t.data) / "manifest.parquet"),
+           "code": [_file_sha(Path(__file__).with_name(name)) for name in CODE]}
     if phase == 2:
         key["phase1"] = _file_sha(Path(t.phase1_out) / "model.safetensors")
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]

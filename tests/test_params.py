@@ -39,3 +39,11 @@ def test_bad_overrides_name_the_key(override, message):
 def test_missing_params_file_is_an_error(tmp_path):
     with pytest.raises(FusionError, match="params file not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_benchmark_sets_are_typed_and_checked():
+    params = load_params(REPO / "params.yaml",
+                         ["evaluate.sets=[{name: tno, a: x/ir, b: x/vi}]"])
+    assert params.evaluate.sets[0].name == "tno" and params.evaluate.sets[0].names == ""
+    with pytest.raises(FusionError, match=re.escape("evaluate.sets[0]: missing key(s) ['b']")):
+        load_params(REPO / "params.yaml", ["evaluate.sets=[{name: tno, a: x}]"])
