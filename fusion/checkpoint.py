@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fusion.atomic import fresh_tmp, replace_dir
 from fusion.errors import FusionError
 from fusion.model import DAEFuse
 from fusion.params import ModelParams
@@ -27,33 +27,13 @@ FORMAT = "dae-fuse/1"
 STATE_FILE = "state.pt"
 
 
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Swap a fully written ``tmp`` folder into place; an existing ``dest`` is replaced."""
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(dest)
-
-
-def _fresh_tmp(dest: Path) -> Path:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
 def save_state(state: dict[str, Any], dest: str | Path) -> Path:
     """Write a training checkpoint folder atomically."""
     dest = Path(dest)
-    tmp = _fresh_tmp(dest)
+    tmp = fresh_tmp(dest)
     try:
         torch.save(state, tmp / STATE_FILE)
-        _replace_dir(tmp, dest)
+        replace_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
@@ -71,7 +51,7 @@ def export_model(dest: str | Path, model: DAEFuse, discriminators: torch.nn.Modu
                  info: dict[str, Any]) -> Path:
     """Write weights (safetensors) + config.json for inference and the next phase."""
     dest = Path(dest)
-    tmp = _fresh_tmp(dest)
+    tmp = fresh_tmp(dest)
     try:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                   tmp / "model.safetensors")
@@ -79,7 +59,7 @@ def export_model(dest: str | Path, model: DAEFuse, discriminators: torch.nn.Modu
                   tmp / "discriminators.safetensors")
         config = {"format": FORMAT, "model": model.params.__dict__, **info}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, dest)
+        replace_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

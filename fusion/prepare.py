@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from fusion.atomic import fresh_tmp, replace_dir
 from fusion.errors import BadInputError, FusionError
 from fusion.imaging import luma, max_value, read_image
 from fusion.pairs import Pair, Reject, discover
@@ -166,9 +167,8 @@ def prepare(params: DataParams, raw: list[str] | None = None, out: str | None = 
     pairs.sort(key=lambda p: p.id)
     seen: set[str] = set()
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "patches").mkdir(parents=True)
+    tmp = fresh_tmp(out_dir)
+    (tmp / "patches").mkdir()
     max_bytes = int(params.shard_max_mb * 2**20)
     writers = {s: ShardWriter(tmp / "patches", s, params.patch_size, max_bytes)
                for s in TRAINING_SPLITS}
@@ -207,15 +207,7 @@ def prepare(params: DataParams, raw: list[str] | None = None, out: str | None = 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out_dir)
+    replace_dir(tmp, out_dir)
     return result
 
 
