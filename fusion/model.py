@@ -11,8 +11,6 @@ token grid with 2-D sin-cos positions built for the actual grid size.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d, build_sincos2d_pos_embed
@@ -190,7 +188,3 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x).mean((2, 3))).squeeze(1)
-
-
-def model_config(p: ModelParams) -> dict:
-    return dataclasses.asdict(p)

@@ -54,7 +54,6 @@ class Hooks:
 
     report: Callable[[int, dict[str, float]], None] = lambda step, metrics: None
     save: Callable[[int, dict[str, Any]], None] = lambda step, state: None
-    before_step: Callable[[int], None] = lambda step: None
 
 
 class Trainer:
@@ -189,7 +188,6 @@ class Trainer:
         t = self.params.train
         end = min(until if until is not None else self.steps, self.steps)
         while self.step < end:
-            hooks.before_step(self.step)
             metrics = self.train_step(*batches(self.step))
             if self.step % t.log_every == 0 or self.step == self.steps:
                 self.curve.append({"step": self.step, **metrics})
