@@ -25,7 +25,7 @@ from fusion.imaging import (
     ycbcr_to_rgb,
 )
 from fusion.model import DAEFuse
-from fusion.scoring import images_by_stem
+from fusion.scoring import match_by_stem
 
 
 @dataclass(frozen=True)
@@ -129,16 +129,12 @@ def fuse_files(model: DAEFuse, a: Path, b: Path, out: Path, tiles: TileSpec,
 def fuse_folders(model: DAEFuse, a_dir: Path, b_dir: Path, out_dir: Path, tiles: TileSpec,
                  device: str | torch.device = "cpu") -> tuple[list[Path], list[str]]:
     """Fuse every name present in both folders; returns (written files, error lines)."""
-    a_files, b_files = images_by_stem(a_dir), images_by_stem(b_dir)
-    written, errors = [], []
-    for stem in sorted(set(a_files) | set(b_files)):
-        if stem not in a_files or stem not in b_files:
-            present = a_files.get(stem) or b_files.get(stem)
-            errors.append(f"{present}: no partner in {(b_dir if stem in a_files else a_dir)}")
-            continue
+    pairs, errors = match_by_stem(a_dir, b_dir)
+    written = []
+    for stem, a_path, b_path in pairs:
         target = out_dir / f"{stem}.png"
         try:
-            fuse_files(model, a_files[stem], b_files[stem], target, tiles, device)
+            fuse_files(model, a_path, b_path, target, tiles, device)
             written.append(target)
         except FusionError as exc:
             errors.append(str(exc))

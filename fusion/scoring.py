@@ -39,6 +39,20 @@ def images_by_stem(folder: str | Path) -> dict[str, Path]:
             if p.suffix.lower() in SUPPORTED_SUFFIXES and not p.name.startswith(".")}
 
 
+def match_by_stem(a_dir: str | Path, b_dir: str | Path
+                  ) -> tuple[list[tuple[str, Path, Path]], list[str]]:
+    """(stem, A file, B file) for names in both folders, and an error line per lone file."""
+    a_files, b_files = images_by_stem(a_dir), images_by_stem(b_dir)
+    pairs, errors = [], []
+    for stem in sorted(set(a_files) | set(b_files)):
+        if stem in a_files and stem in b_files:
+            pairs.append((stem, a_files[stem], b_files[stem]))
+        else:
+            other = b_dir if stem in a_files else a_dir
+            errors.append(f"{a_files.get(stem) or b_files[stem]}: no partner in {other}")
+    return pairs, errors
+
+
 @dataclass
 class ScoreReport:
     """Per-image metric values, their means, and the files that could not be scored."""
@@ -67,18 +81,15 @@ def score_folders(fused: str | Path, a_dir: str | Path, b_dir: str | Path,
                   options: metrics.MetricOptions = metrics.PUBLISHED,
                   device: str = "cpu") -> ScoreReport:
     """Score every source pair that has a fused image; report whatever cannot be scored."""
-    fused_files, a_files, b_files = (images_by_stem(d) for d in (fused, a_dir, b_dir))
-    report = ScoreReport()
-    for stem in sorted(set(a_files) | set(b_files)):
-        if stem not in a_files or stem not in b_files:
-            present = a_files.get(stem) or b_files.get(stem)
-            report.errors.append(f"{present}: no partner source image")
-            continue
+    fused_files = images_by_stem(fused)
+    pairs, errors = match_by_stem(a_dir, b_dir)
+    report = ScoreReport(errors=errors)
+    for stem, a_path, b_path in pairs:
         if stem not in fused_files:
             report.errors.append(f"{Path(fused) / stem}.*: fused image missing")
             continue
         try:
-            f, a, b = (read_grey(p) for p in (fused_files[stem], a_files[stem], b_files[stem]))
+            f, a, b = (read_grey(p) for p in (fused_files[stem], a_path, b_path))
         except BadInputError as exc:
             report.errors.append(str(exc))
             continue
@@ -87,7 +98,7 @@ def score_folders(fused: str | Path, a_dir: str | Path, b_dir: str | Path,
                                  f"from its sources ({a.shape[1]}x{a.shape[0]})")
             continue
         report.per_image[fused_files[stem].name] = score_arrays(f, a, b, options, device)
-    for stem in sorted(set(fused_files) - set(a_files) - set(b_files)):
+    for stem in sorted(set(fused_files) - {stem for stem, _, _ in pairs}):
         report.errors.append(f"{fused_files[stem]}: no source images with this name")
     return report
 
