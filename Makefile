@@ -23,3 +23,4 @@ bench: sync
 	$(UV) run python benchmarks/bench_prepare.py
 	$(UV) run python benchmarks/bench_metrics.py
 	$(UV) run python benchmarks/bench_model.py
+	$(UV) run python benchmarks/bench_ray.py

@@ -88,5 +88,15 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> DAEFus
     return model.to(device).eval()
 
 
-def load_discriminators(folder: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(Path(folder) / "discriminators.safetensors", device="cpu")
+Weights = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def load_weights(folder: str | Path) -> Weights:
+    """(autoencoder, discriminators) state dicts of an export, e.g. to start phase II."""
+    folder = Path(folder)
+    read_config(folder)
+    try:
+        return (load_file(folder / "model.safetensors", device="cpu"),
+                load_file(folder / "discriminators.safetensors", device="cpu"))
+    except (OSError, SafetensorError) as exc:
+        raise FusionError(f"{folder}: cannot load weights ({exc})") from exc

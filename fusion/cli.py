@@ -48,9 +48,14 @@ def _score(args: argparse.Namespace, params: Params) -> int:
 
 
 def _train(args: argparse.Namespace, params: Params) -> int:
-    from fusion.runs import train_local
+    if args.local:
+        from fusion.runs import train_local
 
-    out = train_local(params, args.phase, fresh=args.fresh)
+        out = train_local(params, args.phase, fresh=args.fresh)
+    else:
+        from fusion.distributed import train_ray
+
+        out = train_ray(params, args.phase, fresh=args.fresh, address=args.address)
     print(f"phase {args.phase}: model exported to {out}")
     return 0
 
@@ -110,6 +115,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     p.add_argument("--phase", type=int, choices=(1, 2), required=True)
     p.add_argument("--fresh", action="store_true",
                    help="discard this configuration's checkpoints instead of resuming")
+    p.add_argument("--address", default="",
+                   help="Ray cluster to join (default: ray.address, then $RAY_ADDRESS, "
+                        "else a local Ray instance)")
+    p.add_argument("--local", action="store_true",
+                   help="train in this process without Ray (same loop; for debugging)")
     handlers["train"] = _train
 
     p = sub.add_parser("fuse", help="fuse one pair or two folders of pairs with a trained model")

@@ -85,7 +85,7 @@ class TrainParams:
     phase1_out: str = "models/phase1"
     phase2_out: str = "models/phase2"
     curves: str = "reports"  # loss curves for `dvc plots`: reports/phase{1,2}_curve.csv
-    checkpoints: str = "checkpoints"  # resumable checkpoints, one folder per run name
+    checkpoints: str = "checkpoints"  # single-process (--local) checkpoints, one folder per run
     keep_checkpoints: int = 2
     phase1_steps: int = 150
     phase2_steps: int = 150
@@ -100,6 +100,30 @@ class TrainParams:
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
     log_every: int = 10
     checkpoint_every: int = 100
+
+
+PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass(frozen=True)
+class RayParams:
+    """The ``ray`` section: how ``fusion train`` runs on Ray Train (laptop to cluster)."""
+
+    address: str = ""  # "": $RAY_ADDRESS if set, else start a local cluster
+    num_workers: int = 1  # DDP workers; train.batch_size is per worker
+    use_gpu: bool = False  # one GPU per worker (nccl); false: CPU workers (gloo)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # only with use_gpu
+    placement_strategy: str = "PACK"  # SPREAD / STRICT_SPREAD: workers on different nodes
+    storage_path: str = "checkpoints/ray"  # local folder or s3://bucket/prefix
+    storage_endpoint: str = ""  # S3-compatible endpoint (MinIO ...); "": $AWS_ENDPOINT_URL
+    max_failures: int = 2  # worker-group restarts from the last checkpoint
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise FusionError(f"ray.num_workers must be at least 1, got {self.num_workers}")
+        if self.placement_strategy not in PLACEMENT:
+            raise FusionError(f"ray.placement_strategy must be one of {PLACEMENT}")
 
 
 @dataclass(frozen=True)
@@ -152,6 +176,7 @@ class Params:
     model: ModelParams = field(default_factory=ModelParams)
     loss: LossParams = field(default_factory=LossParams)
     train: TrainParams = field(default_factory=TrainParams)
+    ray: RayParams = field(default_factory=RayParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     metrics: MetricParams = field(default_factory=MetricParams)
 

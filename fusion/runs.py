@@ -1,4 +1,4 @@
-"""Single-process training runs: run names, resumable checkpoints, exports and curves.
+"""Training runs: run names, single-process runs with resumable checkpoints, exports, curves.
 
 A run's name is its phase plus a hash of everything that shapes its result (model, loss
 and training parameters, the dataset manifest, the training code, the phase I model for
@@ -15,13 +15,16 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fusion.checkpoint import export_model, load_state, save_state
 from fusion.data import PatchStream
 from fusion.errors import FusionError
+from fusion.model import DAEFuse
 from fusion.params import Params
-from fusion.train import Hooks, Trainer, resolve_device
+from fusion.train import Discriminators, Hooks, Trainer, resolve_device
 
 CODE = ("model.py", "losses.py", "train.py", "data.py")  # code that shapes the weights
 RESULT_KEYS = ("phase1_steps", "phase2_steps", "batch_size", "crop", "lr", "d_lr",
@@ -32,7 +35,10 @@ def _file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "missing"
 
 
-def run_name(params: Params, phase: int) -> str:
+def run_name(params: Params, phase: int, workers: int | None = None) -> str:
+    """``phase{N}-<hash>`` for single-process runs; Ray runs (``workers`` set) are named
+    after their stage, ``train_phase{N}-<hash>``, and hash the worker count too (it sets
+    the global batch)."""
     t = params.train
     key = {"phase": phase, "model": dataclasses.asdict(params.model),
            "loss": dataclasses.asdict(params.loss),
@@ -41,8 +47,10 @@ def run_name(params: Params, phase: int) -> str:
            "code": [_file_sha(Path(__file__).with_name(name)) for name in CODE]}
     if phase == 2:
         key["phase1"] = _file_sha(Path(t.phase1_out) / "model.safetensors")
+    if workers is not None:
+        key["workers"] = workers
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return f"phase{phase}-{digest}"
+    return f"{'train_' if workers is not None else ''}phase{phase}-{digest}"
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -56,11 +64,12 @@ def write_curve(rows: list[dict[str, float]], path: Path) -> None:
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=names)
         writer.writeheader()
-        writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v)
-                          for k, v in row.items()} for row in rows)
+        writer.writerows({k: (f"{v:.3f}" if k == "time" else f"{v:.6g}")
+                          if isinstance(v, float) else v for k, v in row.items()}
+                         for row in rows)
 
 
-def progress(phase: int, total: int) -> callable:
+def progress(phase: int, total: int) -> Callable[[int, dict[str, float]], None]:
     start = time.perf_counter()
 
     def report(step: int, metrics: dict[str, float]) -> None:
@@ -71,14 +80,30 @@ def progress(phase: int, total: int) -> callable:
     return report
 
 
+def phase1_init(params: Params) -> Path:
+    """The phase I export that phase II starts from (an error when it is missing)."""
+    init = Path(params.train.phase1_out)
+    if not (init / "model.safetensors").exists():
+        raise FusionError(f"{init}: no phase I model (run `fusion train --phase 1` first)")
+    return init
+
+
+def finish(params: Params, phase: int, state: dict[str, Any], name: str) -> Path:
+    """Write the loss curve (for ``dvc plots``) and export the model of a final state."""
+    t = params.train
+    model, disc = DAEFuse(params.model), Discriminators(params.model)
+    model.load_state_dict(state["model"])
+    disc.load_state_dict(state["disc"])
+    write_curve(state["curve"], Path(t.curves) / f"phase{phase}_curve.csv")
+    out = Path(t.phase1_out if phase == 1 else t.phase2_out)
+    return export_model(out, model, disc, {"phase": phase, "run": name, "steps": state["step"],
+                                           "resumed_at": state["resumes"]})
+
+
 def train_local(params: Params, phase: int, fresh: bool = False) -> Path:
     """Train one phase in this process (resuming its checkpoints) and export the model."""
     t = params.train
-    init = None
-    if phase == 2:
-        init = Path(t.phase1_out)
-        if not (init / "model.safetensors").exists():
-            raise FusionError(f"{init}: no phase I model (run `fusion train --phase 1` first)")
+    init = phase1_init(params) if phase == 2 else None
     name = run_name(params, phase)
     folder = Path(t.checkpoints) / name
     if fresh:
@@ -96,7 +121,4 @@ def train_local(params: Params, phase: int, fresh: bool = False) -> Path:
             shutil.rmtree(old)
 
     trainer.fit(stream.batch, Hooks(report=progress(phase, trainer.steps), save=save))
-    write_curve(trainer.curve, Path(t.curves) / f"phase{phase}_curve.csv")
-    out = Path(t.phase1_out if phase == 1 else t.phase2_out)
-    return export_model(out, trainer.model, trainer.disc,
-                        {"phase": phase, "run": name, "steps": trainer.step})
+    return finish(params, phase, trainer.state(), name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from fusion import losses
-from fusion.checkpoint import load_discriminators, load_model
+from fusion.checkpoint import Weights, load_weights
 from fusion.model import DAEFuse, Discriminator
 from fusion.params import Params
 
@@ -58,7 +59,7 @@ class Hooks:
 
 class Trainer:
     def __init__(self, params: Params, phase: int, device: torch.device | str = "cpu",
-                 init: str | Path | None = None,
+                 init: str | Path | Weights | None = None,
                  wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> None:
         if phase not in (1, 2):
             raise ValueError(f"phase must be 1 or 2, got {phase}")
@@ -68,9 +69,10 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = DAEFuse(params.model)
         self.disc = Discriminators(params.model)
-        if init is not None:  # phase II starts from the phase I export
-            self.model.load_state_dict(load_model(init).state_dict())
-            self.disc.load_state_dict(load_discriminators(init))
+        if init is not None:  # phase II starts from the phase I export (folder or weights)
+            model_sd, disc_sd = load_weights(init) if isinstance(init, str | Path) else init
+            self.model.load_state_dict(model_sd)
+            self.disc.load_state_dict(disc_sd)
         fusion_layers = [self.model.cross_a, self.model.cross_b, self.model.fuse_reduce]
         for module in fusion_layers:  # phase I does not use (or train) the fusion layers
             module.requires_grad_(phase == 2)
@@ -87,6 +89,7 @@ class Trainer:
             self.opt_d, _cosine(self.steps, t.lr_min_ratio))
         self.step = 0
         self.curve: list[dict[str, float]] = []
+        self.resumes: list[int] = []  # steps this run was resumed at (crash / restart audit)
         self.amp = t.amp and self.device.type == "cuda"
 
     # -- state ------------------------------------------------------------------------
@@ -95,7 +98,7 @@ class Trainer:
                  "disc": self.disc.state_dict(), "opt_g": self.opt_g.state_dict(),
                  "opt_d": self.opt_d.state_dict(), "sched_g": self.sched_g.state_dict(),
                  "sched_d": self.sched_d.state_dict(), "curve": list(self.curve),
-                 "rng_torch": torch.get_rng_state()}
+                 "resumes": list(self.resumes), "rng_torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         return state
@@ -110,6 +113,7 @@ class Trainer:
         self.sched_g.load_state_dict(state["sched_g"])
         self.sched_d.load_state_dict(state["sched_d"])
         self.step, self.curve = state["step"], list(state["curve"])
+        self.resumes = [*state.get("resumes", []), self.step]
         torch.set_rng_state(state["rng_torch"])
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
@@ -190,7 +194,7 @@ class Trainer:
         while self.step < end:
             metrics = self.train_step(*batches(self.step))
             if self.step % t.log_every == 0 or self.step == self.steps:
-                self.curve.append({"step": self.step, **metrics})
+                self.curve.append({"step": self.step, **metrics, "time": time.time()})
                 hooks.report(self.step, metrics)
             if self.step % t.checkpoint_every == 0 or self.step == end:
                 hooks.save(self.step, self.state())
