@@ -14,6 +14,7 @@ sync: $(UV)
 
 demo: sync
 	$(UV) run dvc repro
+	$(UV) run fusion promote
 
 test: sync
 	$(UV) run ruff check .

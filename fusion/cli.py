@@ -61,12 +61,12 @@ def _train(args: argparse.Namespace, params: Params) -> int:
 
 
 def _fuse(args: argparse.Namespace, params: Params) -> int:
-    from fusion.checkpoint import load_model
     from fusion.inference import TileSpec, fuse_files, fuse_folders
+    from fusion.serving import load_fusion_model
     from fusion.train import resolve_device
 
     device = resolve_device(args.device or params.train.device)
-    model = load_model(args.model, device)
+    model = load_fusion_model(args.model, device)
     tiles = TileSpec(args.tile, args.overlap)
     a, b, out = Path(args.a), Path(args.b), Path(args.output)
     if a.is_dir() != b.is_dir():
@@ -91,6 +91,35 @@ def _evaluate(args: argparse.Namespace, params: Params) -> int:
         print(f"{name} ({int(methods['model']['pairs'])} pairs)")
         print(format_table(methods))
     print(f"report: {Path(params.evaluate.out) / 'report.md'}")
+    return 0
+
+
+def _register(args: argparse.Namespace, params: Params) -> int:
+    from fusion.tracking import register
+
+    record = register(params)
+    print(f"registered {record['model_name']} version {record['version']} as challenger "
+          f"(run {record['run_id']}, {record['tracking_uri']})")
+    return 0
+
+
+def _promote(args: argparse.Namespace, params: Params) -> int:
+    import json
+
+    from fusion.promotion import promote, rollback
+
+    if args.rollback:
+        result = rollback(params)
+        print(f"{result['model']}: champion moved back from version "
+              f"{result['champion_before']} to {result['champion']}")
+    else:
+        result = promote(params)
+        verdict = "promoted to champion" if result["promoted"] else "not promoted"
+        print(f"{result['model']} version {result['challenger']} {verdict}: {result['reason']}"
+              f" (champion now: version {result['champion']})")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return 0
 
 
@@ -124,7 +153,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
 
     p = sub.add_parser("fuse", help="fuse one pair or two folders of pairs with a trained model")
     _common(p)
-    p.add_argument("--model", required=True, help="exported model folder")
+    p.add_argument("--model", required=True,
+                   help="exported model folder or MLflow URI (models:/dae-fuse@champion)")
     p.add_argument("--a", required=True, help="source A image or folder (ir / mri)")
     p.add_argument("--b", required=True, help="source B image or folder (vi / ct / pet ...)")
     p.add_argument("-o", "--output", required=True, help="output PNG, or folder in folder mode")
@@ -146,6 +176,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     p.add_argument("--json", default=None, metavar="OUT", help="per-image values and means")
     p.add_argument("--device", default="cpu", help="torch device for the metrics")
     handlers["score"] = _score
+
+    p = sub.add_parser("register", help="log the pipeline run to MLflow, register the model "
+                       "as challenger")
+    _common(p)
+    handlers["register"] = _register
+
+    p = sub.add_parser("promote", help="challenger vs champion on the benchmark sets; move "
+                       "the champion alias when the rule in params.yaml says so")
+    _common(p)
+    p.add_argument("--rollback", action="store_true",
+                   help="move champion back to the version it replaced")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the decision as JSON")
+    handlers["promote"] = _promote
     return parser, handlers
 
 

@@ -9,6 +9,7 @@ and one PNG grid per set (A | B | fused).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,11 +23,13 @@ from fusion import metrics
 from fusion.checkpoint import load_model
 from fusion.errors import FusionError
 from fusion.inference import TileSpec, fuse_files
+from fusion.model import DAEFuse
 from fusion.params import BenchmarkSet, Params
 from fusion.prepare import read_exclusions
 from fusion.scoring import format_table, images_by_stem, read_grey, score_arrays
 
 METHODS = ("model", "mean", "max")
+EVALUATED = "evaluated.json"  # which model (weights hash) the reports describe
 
 
 def _pairs(bench: BenchmarkSet) -> list[tuple[str, Path, Path]]:
@@ -59,11 +62,36 @@ def _grid(rows: list[tuple[np.ndarray, ...]], path: Path, height: int = 160) -> 
     grid.save(path)
 
 
+def score_model(model: DAEFuse, sets: list[BenchmarkSet], params: Params,
+                workdir: Path) -> dict[str, dict[str, float]]:
+    """{set: {metric: mean}} of one model, its fused images written under ``workdir``
+    (used by ``fusion promote`` to compare two models on the same sets)."""
+    summary = {}
+    for bench in sets:
+        values = []
+        for stem, a_path, b_path in _pairs(bench):
+            fused_path = workdir / bench.name / f"{stem}.png"
+            fuse_files(model, a_path, b_path, fused_path, TileSpec(params.evaluate.tile))
+            values.append(score_arrays(read_grey(fused_path), read_grey(a_path),
+                                       read_grey(b_path), params.metrics))
+        summary[bench.name] = {k: float(np.mean([v[k] for v in values])) for k in metrics.ALL}
+    return summary
+
+
+def model_digest(folder: str | Path) -> str:
+    """sha256 of an exported model's weights: ties reports and registry entries to it."""
+    path = Path(folder) / "model.safetensors"
+    if not path.exists():
+        raise FusionError(f"{folder}: no exported model (model.safetensors missing)")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def evaluate(params: Params) -> dict[str, dict[str, dict[str, float]]]:
     """Run the stage; returns {set: {method: {metric: mean}}}."""
     ev = params.evaluate
     out = Path(ev.out)
     model = load_model(ev.model)
+    digest = model_digest(ev.model)
     records: list[dict] = []
     summary: dict[str, dict[str, dict[str, float]]] = {}
     for bench in ev.sets:
@@ -87,6 +115,8 @@ def evaluate(params: Params) -> dict[str, dict[str, dict[str, float]]]:
         summary[bench.name]["model"]["pairs"] = len(pairs)
         _grid(grid_rows, Path(ev.grids) / f"{bench.name}.png")
     _write(records, summary, out, Path(ev.summary), Path(ev.grids))
+    (out / EVALUATED).write_text(json.dumps({"model": ev.model, "model_sha256": digest,
+                                             "sets": [b.name for b in ev.sets]}, indent=2))
     return summary
 
 

@@ -171,6 +171,43 @@ class MetricParams:
 
 
 @dataclass(frozen=True)
+class MlflowParams:
+    """The ``mlflow`` section: where runs, models and the registry live."""
+
+    tracking_uri: str = ""  # "": $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (embedded)
+    experiment: str = "fusion"
+    model_name: str = "dae-fuse"
+    registered: str = "reports/registered.json"  # the register stage's record (DVC out)
+
+
+@dataclass(frozen=True)
+class MetricWeight:
+    metric: str
+    weight: float = 1.0
+
+
+def _default_weights() -> list[MetricWeight]:
+    return [MetricWeight(m) for m in ("VIF", "Qabf", "SSIM", "MI", "SCD")]
+
+
+@dataclass(frozen=True)
+class PromoteParams:
+    """The ``promote`` section: the rule that moves the ``champion`` alias."""
+
+    weights: list[MetricWeight] = field(default_factory=_default_weights)
+    sets: list[str] = field(default_factory=list)  # evaluate.sets names; empty: all of them
+    min_improvement: float = 0.0  # weighted mean relative gain the challenger needs
+    max_drop: float = 0.05  # no weighted metric may get worse by more (relative), on any set
+
+    def __post_init__(self) -> None:
+        from fusion.metrics import ALL
+
+        unknown = sorted({w.metric for w in self.weights} - set(ALL))
+        if unknown or not self.weights:
+            raise FusionError(f"promote.weights: unknown metric(s) {unknown}; known: {ALL}")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
@@ -179,6 +216,8 @@ class Params:
     ray: RayParams = field(default_factory=RayParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     metrics: MetricParams = field(default_factory=MetricParams)
+    mlflow: MlflowParams = field(default_factory=MlflowParams)
+    promote: PromoteParams = field(default_factory=PromoteParams)
 
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:
