@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,6 +57,9 @@ def decide(challenger: dict[str, dict[str, float]], champion: dict[str, dict[str
             if w.metric in LOWER_IS_BETTER:
                 gain = -gain
             gains[name][w.metric] = gain
+            if not math.isfinite(gain):  # e.g. a model that outputs NaN
+                return Decision(False, math.nan, f"{w.metric} on {name} is not finite for "
+                                "the challenger or the champion", gains)
             total += w.weight * gain
             weight_sum += w.weight
             if w.weight > 0 and gain < worst[0]:

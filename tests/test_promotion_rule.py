@@ -1,0 +1,35 @@
+"""The promotion rule alone (pure logic, no registry)."""
+
+import math
+
+from fusion.params import MetricWeight, PromoteParams
+from fusion.promotion import decide
+
+RULE = PromoteParams(weights=[MetricWeight("VIF", 1.0), MetricWeight("MSE", 1.0)],
+                     min_improvement=0.01, max_drop=0.05)
+CHAMP = {"tno": {"VIF": 0.5, "MSE": 100.0}, "mri": {"VIF": 0.4, "MSE": 50.0}}
+
+
+def test_weighted_gain_promotes_and_mse_counts_lower_as_better():
+    better = {"tno": {"VIF": 0.55, "MSE": 90.0}, "mri": {"VIF": 0.42, "MSE": 50.0}}
+    d = decide(better, CHAMP, RULE)
+    assert d.promote
+    assert math.isclose(d.gains["tno"]["MSE"], 0.1)
+    assert math.isclose(d.score, (0.1 + 0.1 + 0.05 + 0.0) / 4)
+
+
+def test_too_small_gain_is_rejected():
+    d = decide({"tno": {"VIF": 0.501, "MSE": 100.0}, "mri": {"VIF": 0.4, "MSE": 50.0}},
+               CHAMP, RULE)
+    assert not d.promote and "below the required" in d.reason
+
+
+def test_guard_rejects_a_large_drop_on_one_set_despite_a_large_mean_gain():
+    d = decide({"tno": {"VIF": 0.9, "MSE": 10.0}, "mri": {"VIF": 0.3, "MSE": 50.0}},
+               CHAMP, RULE)
+    assert d.score > 0.1 and not d.promote and "VIF on mri drops 25.0%" in d.reason
+
+
+def test_non_finite_metrics_are_rejected():
+    d = decide({"tno": {"VIF": float("nan"), "MSE": 1.0}, "mri": CHAMP["mri"]}, CHAMP, RULE)
+    assert not d.promote and "not finite" in d.reason
