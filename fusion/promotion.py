@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,13 +77,16 @@ def decide(challenger: dict[str, dict[str, float]], champion: dict[str, dict[str
 
 
 @contextmanager
-def _lock(uri: str, name: str):
+def _registry(params: Params) -> Iterator[tuple[MlflowClient, str]]:
+    """(client, model name) while holding this machine's lock for that model's aliases."""
+    name = params.mlflow.model_name
+    uri = connect(params.mlflow.tracking_uri)
     key = hashlib.sha256(f"{uri}|{name}".encode()).hexdigest()[:16]
     path = Path(tempfile.gettempdir()) / f"fusion-promote-{key}.lock"
     with path.open("w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            yield
+            yield MlflowClient(), name
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
@@ -110,10 +114,7 @@ def _scores(params: Params, version: str) -> dict[str, dict[str, float]]:
 
 def promote(params: Params) -> dict:
     """Decide on the current challenger; returns what was decided (also stored as tags)."""
-    name = params.mlflow.model_name
-    uri = connect(params.mlflow.tracking_uri)
-    client = MlflowClient()
-    with _lock(uri, name):
+    with _registry(params) as (client, name):
         challenger = _alias(client, name, CHALLENGER)
         if challenger is None:
             raise FusionError(f"model {name!r} has no {CHALLENGER!r} version to promote "
@@ -148,10 +149,7 @@ def promote(params: Params) -> dict:
 
 def rollback(params: Params) -> dict:
     """Move ``champion`` back to the version it replaced."""
-    name = params.mlflow.model_name
-    uri = connect(params.mlflow.tracking_uri)
-    client = MlflowClient()
-    with _lock(uri, name):
+    with _registry(params) as (client, name):
         current = _alias(client, name, CHAMPION)
         if current is None:
             raise FusionError(f"model {name!r} has no champion to roll back")

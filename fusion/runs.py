@@ -31,7 +31,7 @@ RESULT_KEYS = ("phase1_steps", "phase2_steps", "batch_size", "crop", "lr", "d_lr
                "lr_min_ratio", "grad_clip", "seed")
 
 
-def _file_sha(path: Path) -> str:
+def file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "missing"
 
 
@@ -43,10 +43,10 @@ def run_name(params: Params, phase: int, workers: int | None = None) -> str:
     key = {"phase": phase, "model": dataclasses.asdict(params.model),
            "loss": dataclasses.asdict(params.loss),
            "train": {k: getattr(t, k) for k in RESULT_KEYS},
-           "manifest": _file_sha(Path(t.data) / "manifest.parquet"),
-           "code": [_file_sha(Path(__file__).with_name(name)) for name in CODE]}
+           "manifest": file_sha(Path(t.data) / "manifest.parquet"),
+           "code": [file_sha(Path(__file__).with_name(name)) for name in CODE]}
     if phase == 2:
-        key["phase1"] = _file_sha(Path(t.phase1_out) / "model.safetensors")
+        key["phase1"] = file_sha(Path(t.phase1_out) / "model.safetensors")
     if workers is not None:
         key["workers"] = workers
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]

@@ -12,7 +12,6 @@ weights.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import subprocess
@@ -30,6 +29,7 @@ from mlflow.types import Schema, TensorSpec
 from fusion.errors import FusionError
 from fusion.evaluate import EVALUATED, model_digest
 from fusion.params import Params, to_dict
+from fusion.runs import file_sha
 from fusion.serving import WEIGHTS
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -54,10 +54,6 @@ def connect(configured: str) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "missing"
 
 
 def _git_commit() -> str:
@@ -131,8 +127,8 @@ def register(params: Params) -> dict[str, Any]:
     m, t, ev = params.mlflow, params.train, params.evaluate
     uri = connect(m.tracking_uri)
     mlflow.set_experiment(m.experiment)
-    tags = {"git_commit": _git_commit(), "dvc_lock_sha256": _sha(Path("dvc.lock")),
-            "manifest_sha256": _sha(Path(t.data) / "manifest.parquet"),
+    tags = {"git_commit": _git_commit(), "dvc_lock_sha256": file_sha(Path("dvc.lock")),
+            "manifest_sha256": file_sha(Path(t.data) / "manifest.parquet"),
             "model_sha256": digest}
     with mlflow.start_run(run_name="pipeline", tags=tags) as parent:
         mlflow.log_params(_flat(to_dict(params)))

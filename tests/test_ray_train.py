@@ -12,6 +12,7 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
+import ray
 import torch
 from safetensors.torch import load_file
 
@@ -56,7 +57,7 @@ def two_node_run(ray_cluster, tiny_run, tmp_path_factory):
 def test_two_workers_on_two_nodes_train_both_phases(two_node_run, ray_cluster):
     params, workers = two_node_run
     assert len(workers) == 2 and len(set(workers.values())) == 2  # one worker per node
-    nodes = {n["NodeID"] for n in __import__("ray").nodes() if n["Alive"]}
+    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert set(workers.values()) <= nodes
     for phase, out in ((1, params.train.phase1_out), (2, params.train.phase2_out)):
         config = json.loads((Path(out) / "config.json").read_text())

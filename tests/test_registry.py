@@ -117,7 +117,6 @@ def test_register_logs_the_pipeline_and_the_first_version_becomes_champion(sqlit
 def test_promotion_rule_guard_and_rollback(sqlite_params):
     params = sqlite_params
     name = params.mlflow.model_name
-    client = MlflowClient
     evaluate(params)
     register(params)
     promote(params)  # v1 champion
@@ -130,7 +129,7 @@ def test_promotion_rule_guard_and_rollback(sqlite_params):
     assert not result["promoted"]
     assert "drops" in result["reason"] or "not finite" in result["reason"]
     assert _aliases(name) == {"champion": "2"}
-    tags = client().get_model_version(name, "3").tags
+    tags = MlflowClient().get_model_version(name, "3").tags
     assert tags["promotion.decision"] == "rejected" and tags["promotion.compared_to"] == "2"
     numbers = json.loads(tags["promotion.numbers"])
     assert set(numbers) == {"challenger", "champion", "gains"}
