@@ -13,8 +13,7 @@ sync: $(UV)
 	$(UV) sync --frozen
 
 demo: sync
-	$(UV) run dvc repro
-	$(UV) run fusion promote
+	$(UV) run python -m flows.retrain
 
 test: sync
 	$(UV) run ruff check .

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fusion.errors import FusionError
+from fusion.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, FusionError, TransientError
 from fusion.params import Params, load_params
 
 
@@ -123,6 +123,36 @@ def _promote(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+def _search(args: argparse.Namespace, params: Params) -> int:
+    from fusion.search import run_search
+
+    write = "" if args.no_write else None
+    result = run_search(params, trials=args.trials, study=args.study, address=args.address,
+                        write_params=write)
+    print(f"search {result['study']}: best trial {result['best_trial']} of "
+          f"{result['trials']} (score {result['score']:+.4f}): "
+          + ", ".join(f"{k}={v:.4g}" for k, v in result["best"].items()))
+    return 0
+
+
+def _status(args: argparse.Namespace, params: Params) -> int:
+    import json
+
+    from fusion.tracking import champion_status
+
+    status = champion_status(params)
+    if status["champion"] is None:
+        print(f"{status['model']}: no champion yet; fingerprint {status['fingerprint'][:12]}")
+    else:
+        same = "unchanged" if status["unchanged"] else "changed"
+        print(f"{status['model']}: data and params {same} since champion version "
+              f"{status['champion']} (fingerprint {status['fingerprint'][:12]})")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(status, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     parser = argparse.ArgumentParser(prog="fusion", description=__doc__)
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -189,6 +219,23 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
                    help="move champion back to the version it replaced")
     p.add_argument("--json", default=None, metavar="OUT", help="write the decision as JSON")
     handlers["promote"] = _promote
+
+    p = sub.add_parser("search", help="tune the loss weights: Optuna through Ray Tune, "
+                       "trials as Ray Train runs, best weights into params.yaml")
+    _common(p)
+    p.add_argument("--trials", type=int, default=None,
+                   help="trials the study should hold (default: search.trials)")
+    p.add_argument("--study", default=None, help="Optuna study name (default: search.study)")
+    p.add_argument("--address", default="", help="Ray cluster (as for `fusion train`)")
+    p.add_argument("--no-write", action="store_true",
+                   help="only write search.out/best.json, not search.write_params")
+    handlers["search"] = _search
+
+    p = sub.add_parser("status", help="have data or params changed since the champion was "
+                       "trained? (the retrain flow skips training when not)")
+    _common(p)
+    p.add_argument("--json", default=None, metavar="OUT", help="write the answer as JSON")
+    handlers["status"] = _status
     return parser, handlers
 
 
@@ -200,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.stage](args, params)
     except FusionError as exc:
         print(f"fusion {args.stage}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_TRANSIENT if isinstance(exc, TransientError) else EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig 
 
 from fusion.checkpoint import STATE_FILE, load_state, load_weights, save_state
 from fusion.data import PatchStream
-from fusion.errors import FusionError
+from fusion.errors import FusionError, TransientError
 from fusion.params import Params
 from fusion.runs import finish, phase1_init, progress, run_name
 from fusion.train import Hooks, Trainer
@@ -85,7 +85,20 @@ def connect(address: str = "") -> None:
     try:
         ray.init(address=address or None, logging_level="WARNING", log_to_driver=True)
     except (ConnectionError, RuntimeError) as exc:
-        raise FusionError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from exc
+        raise TransientError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from exc
+
+
+def scaling(params: Params) -> ScalingConfig:
+    r = params.ray
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
+    return ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
+                         resources_per_worker=resources, placement_strategy=r.placement_strategy)
+
+
+def shipped(params: Params) -> Params:
+    """Params for workers, which may run elsewhere (another cwd, another node with a
+    shared filesystem): the dataset path made absolute."""
+    return replace(params, train=replace(params.train, data=str(Path(params.train.data).resolve())))
 
 
 def _worker(config: dict[str, Any]) -> None:
@@ -151,15 +164,11 @@ def train_ray(params: Params, phase: int, fresh: bool = False, address: str = ""
               file=sys.stderr)
         return finish(params, phase, final, name)
     connect(address or r.address)
-    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
-    # workers may run elsewhere (another cwd, another node with a shared filesystem)
-    shipped = replace(params, train=replace(t, data=str(Path(t.data).resolve())))
     trainer = ray.train.torch.TorchTrainer(
         _worker,
-        train_loop_config={"params": shipped, "phase": phase, "init": init, "fault": fault},
-        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
-                                     resources_per_worker=resources,
-                                     placement_strategy=r.placement_strategy),
+        train_loop_config={"params": shipped(params), "phase": phase, "init": init,
+                           "fault": fault},
+        scaling_config=scaling(params),
         run_config=RunConfig(
             name=name, storage_path=root, storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
@@ -168,8 +177,8 @@ def train_ray(params: Params, phase: int, fresh: bool = False, address: str = ""
           f"{r.storage_path}", file=sys.stderr)
     try:
         result = trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        raise FusionError(f"phase {phase}: Ray Train run {name} failed after "
+    except ray.train.TrainingFailedError as exc:  # e.g. nodes lost beyond max_failures
+        raise TransientError(f"phase {phase}: Ray Train run {name} failed after "
                           f"{r.max_failures} restart(s): {exc}") from exc
     if result.checkpoint is None:
         raise FusionError(f"phase {phase}: Ray Train run {name} left no checkpoint")

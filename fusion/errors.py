@@ -1,4 +1,9 @@
-"""Errors a user can act on: the CLI prints them as one line instead of a stack trace."""
+"""Errors a user can act on: the CLI prints them as one line instead of a stack trace.
+
+Exit codes tell orchestrators what to do with a failed stage: ``EXIT_BAD_INPUT`` (bad data
+or configuration: retrying cannot help) and ``EXIT_TRANSIENT`` (a service did not answer:
+retry later); anything else is a crash, which is worth a retry too (a lost Ray node).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,14 @@ from pathlib import Path
 
 class FusionError(Exception):
     """A problem with the user's input or configuration, with a message naming the cause."""
+
+
+EXIT_BAD_INPUT = 2
+EXIT_TRANSIENT = 75  # sysexits.h EX_TEMPFAIL
+
+
+class TransientError(FusionError):
+    """A service (tracking server, object store, cluster) did not answer: worth a retry."""
 
 
 class BadInputError(FusionError):

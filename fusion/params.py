@@ -7,6 +7,7 @@ overrides use the same syntax as ``dvc exp run -S`` and are type-checked here.
 from __future__ import annotations
 
 import dataclasses
+import io
 import types
 import typing
 from dataclasses import dataclass, field
@@ -87,8 +88,8 @@ class TrainParams:
     curves: str = "reports"  # loss curves for `dvc plots`: reports/phase{1,2}_curve.csv
     checkpoints: str = "checkpoints"  # single-process (--local) checkpoints, one folder per run
     keep_checkpoints: int = 2
-    phase1_steps: int = 150
-    phase2_steps: int = 150
+    phase1_steps: int = 80
+    phase2_steps: int = 80
     batch_size: int = 8
     crop: int = 0  # random crop inside each patch (0: whole patch)
     lr: float = 5e-4  # autoencoder / fusion Adam learning rate
@@ -208,6 +209,63 @@ class PromoteParams:
 
 
 @dataclass(frozen=True)
+class SearchRange:
+    """One tuned loss weight: a key of the ``loss`` section and its range."""
+
+    name: str
+    low: float
+    high: float
+    log: bool = False  # sample on a log scale (weights spanning decades)
+
+    def __post_init__(self) -> None:
+        known = [f.name for f in dataclasses.fields(LossParams)]
+        if self.name not in known:
+            raise FusionError(f"search.space: {self.name!r} is not a loss weight; known: {known}")
+        if not self.low < self.high or self.low < 0 or (self.log and self.low <= 0):
+            raise FusionError(f"search.space.{self.name}: need 0 <= low < high (low > 0 "
+                              f"with log), got [{self.low}, {self.high}]")
+        if self.name == "sigma" and self.high > 1:
+            raise FusionError("search.space.sigma: sigma must stay in [0, 1]")
+
+
+def _default_space() -> list[SearchRange]:
+    return [SearchRange("lam", 0.01, 1.0, True), SearchRange("sigma", 0.0, 1.0),
+            SearchRange("w_text", 0.2, 5.0, True), SearchRange("w_int", 0.2, 5.0, True),
+            SearchRange("w_adv", 0.01, 1.0, True)]
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """The ``search`` section: Optuna through Ray Tune over the loss weights."""
+
+    study: str = "dae-fuse-loss"  # Optuna study name: the same name resumes the study
+    storage: str = ""  # "": sqlite:///<out>/optuna.db; any SQLAlchemy URL (postgresql://...)
+    trials: int = 8  # trials the study should hold; a rerun adds only the missing ones
+    max_concurrent: int = 1  # trials at once (each one is a Ray Train run)
+    phase1_steps: int = 60  # per trial (replace train.phase{1,2}_steps)
+    phase2_steps: int = 60
+    eval_every: int = 20  # validation score every N phase II steps: the ASHA milestones
+    reduction_factor: int = 2  # ASHA keeps the best 1/N of the trials at each milestone
+    val_pairs: int = 8  # held-out pairs (split "val" of the manifest) scored; 0: all
+    score: list[MetricWeight] = field(default_factory=_default_weights)
+    space: list[SearchRange] = field(default_factory=_default_space)
+    out: str = "reports/search"  # best.json, trials.csv, optuna.db
+    write_params: str = "params.yaml"  # best loss weights written here; "": best.json only
+
+    def __post_init__(self) -> None:
+        from fusion.metrics import ALL
+
+        unknown = sorted({w.metric for w in self.score} - set(ALL))
+        if unknown or not self.score:
+            raise FusionError(f"search.score: unknown metric(s) {unknown}; known: {ALL}")
+        if min(self.trials, self.max_concurrent, self.phase1_steps, self.phase2_steps,
+               self.eval_every) < 1:
+            raise FusionError("search: trials, max_concurrent, steps and eval_every must be >= 1")
+        if not self.space:
+            raise FusionError("search.space: nothing to tune")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
@@ -218,6 +276,7 @@ class Params:
     metrics: MetricParams = field(default_factory=MetricParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
     promote: PromoteParams = field(default_factory=PromoteParams)
+    search: SearchParams = field(default_factory=SearchParams)
 
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:
@@ -292,6 +351,42 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
     elif path != DEFAULT_PARAMS:
         raise FusionError(f"{path}: params file not found")
     return _build(Params, apply_overrides(raw, list(overrides or [])), "")
+
+
+def update_params_file(path: str | Path, updates: dict[str, Any]) -> Params:
+    """Merge a (partial) params mapping into a params file, keeping its comments and layout.
+
+    The merged result is validated first and written atomically: a bad update raises and
+    leaves the file as it was. Returns the params now in the file.
+    """
+    from ruamel.yaml import YAML
+
+    path = Path(path)
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.indent(mapping=2, sequence=4, offset=2)
+    rt.width = 4096
+    doc = rt.load(path.read_text()) if path.exists() else None
+    doc = doc if doc is not None else {}
+
+    def merge(node: Any, new: dict[str, Any], where: str) -> None:
+        for key, value in new.items():
+            if isinstance(value, dict) and isinstance(node.get(key), dict):
+                merge(node[key], value, f"{where}{key}.")
+            else:
+                node[key] = value
+
+    if not isinstance(updates, dict):
+        raise FusionError(f"params update for {path}: expected a mapping, got {updates!r}")
+    merge(doc, updates, "")
+    buffer = io.StringIO()
+    rt.dump(doc, buffer)
+    text = buffer.getvalue()
+    params = _build(Params, yaml.safe_load(text) or {}, "")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return params
 
 
 def to_dict(params: Params) -> dict[str, Any]:

@@ -31,8 +31,7 @@ from mlflow.exceptions import MlflowException
 from fusion.errors import FusionError
 from fusion.params import Params, PromoteParams
 from fusion.tracking import CHALLENGER, CHAMPION, connect
-
-LOWER_IS_BETTER = {"MSE"}
+from fusion.validation import LOWER_IS_BETTER
 
 
 @dataclass

@@ -35,22 +35,37 @@ def file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "missing"
 
 
+def _shaping(params: Params) -> dict[str, Any]:
+    """What shapes the trained weights apart from the phase: sizes, loss weights, the
+    training settings that change results, the dataset manifest and the training code."""
+    t = params.train
+    return {"model": dataclasses.asdict(params.model), "loss": dataclasses.asdict(params.loss),
+            "train": {k: getattr(t, k) for k in RESULT_KEYS},
+            "manifest": file_sha(Path(t.data) / "manifest.parquet"),
+            "code": [file_sha(Path(__file__).with_name(name)) for name in CODE]}
+
+
+def _digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
 def run_name(params: Params, phase: int, workers: int | None = None) -> str:
     """``phase{N}-<hash>`` for single-process runs; Ray runs (``workers`` set) are named
     after their stage, ``train_phase{N}-<hash>``, and hash the worker count too (it sets
     the global batch)."""
-    t = params.train
-    key = {"phase": phase, "model": dataclasses.asdict(params.model),
-           "loss": dataclasses.asdict(params.loss),
-           "train": {k: getattr(t, k) for k in RESULT_KEYS},
-           "manifest": file_sha(Path(t.data) / "manifest.parquet"),
-           "code": [file_sha(Path(__file__).with_name(name)) for name in CODE]}
+    key = {"phase": phase, **_shaping(params)}
     if phase == 2:
-        key["phase1"] = file_sha(Path(t.phase1_out) / "model.safetensors")
+        key["phase1"] = file_sha(Path(params.train.phase1_out) / "model.safetensors")
     if workers is not None:
         key["workers"] = workers
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{'train_' if workers is not None else ''}phase{phase}-{digest}"
+    return f"{'train_' if workers is not None else ''}phase{phase}-{_digest(key)[:12]}"
+
+
+def fingerprint(params: Params) -> str:
+    """sha256 of the data and params a trained model comes from; the retrain flow skips
+    training when the champion was trained from the same fingerprint."""
+    return _digest({**_shaping(params), "data": dataclasses.asdict(params.data),
+                    "workers": params.ray.num_workers})
 
 
 def checkpoints(folder: Path) -> list[Path]:

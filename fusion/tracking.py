@@ -26,13 +26,14 @@ from mlflow import MlflowClient
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from fusion.errors import FusionError
+from fusion.errors import FusionError, TransientError
 from fusion.evaluate import EVALUATED, model_digest
 from fusion.params import Params, to_dict
-from fusion.runs import file_sha
+from fusion.runs import file_sha, fingerprint
 from fusion.serving import WEIGHTS
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+FINGERPRINT = "training_fingerprint"  # tag: data + params the version was trained from
 CHALLENGER, CHAMPION = "challenger", "champion"
 ENTRY = Path(__file__).with_name("mlflow_model.py")
 
@@ -50,7 +51,7 @@ def connect(configured: str) -> str:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as reply:
                 reply.read()
         except (urllib.error.URLError, OSError) as exc:
-            raise FusionError(f"MLflow tracking server {uri} is unreachable: {exc}") from exc
+            raise TransientError(f"MLflow tracking server {uri} is unreachable: {exc}") from exc
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
@@ -129,7 +130,7 @@ def register(params: Params) -> dict[str, Any]:
     mlflow.set_experiment(m.experiment)
     tags = {"git_commit": _git_commit(), "dvc_lock_sha256": file_sha(Path("dvc.lock")),
             "manifest_sha256": file_sha(Path(t.data) / "manifest.parquet"),
-            "model_sha256": digest}
+            "model_sha256": digest, FINGERPRINT: fingerprint(params)}
     with mlflow.start_run(run_name="pipeline", tags=tags) as parent:
         mlflow.log_params(_flat(to_dict(params)))
         with mlflow.start_run(run_name="prepare", nested=True):
@@ -163,6 +164,21 @@ def register(params: Params) -> dict[str, Any]:
     Path(m.registered).parent.mkdir(parents=True, exist_ok=True)
     Path(m.registered).write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def champion_status(params: Params) -> dict[str, Any]:
+    """Whether the current data and params are what the champion was trained from."""
+    current = fingerprint(params)
+    connect(params.mlflow.tracking_uri)
+    name = params.mlflow.model_name
+    try:
+        version = MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return {"model": name, "fingerprint": current, "champion": None,
+                "champion_fingerprint": None, "unchanged": False}
+    theirs = version.tags.get(FINGERPRINT)
+    return {"model": name, "fingerprint": current, "champion": str(version.version),
+            "champion_fingerprint": theirs, "unchanged": theirs == current}
 
 
 def _is_number(value: str) -> bool:

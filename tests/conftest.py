@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +117,41 @@ def ray_cluster(s3_server):
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+def run_cmd(*cmd: str, cwd: Path) -> str:
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{cmd}: {done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def clone_repo(dest_parent: Path) -> Path:
+    """Copy the tracked + untracked-not-ignored files, as a fresh clone would have them."""
+    files = run_cmd("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard",
+                    cwd=REPO).split("\0")
+    dest = dest_parent / "repo"
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    run_cmd("git", "init", "-q", cwd=dest)
+    return dest
+
+
+def tiny_pipeline(repo: Path, ray_address: str, **loss) -> dict:
+    """Shrink a cloned repo's params.yaml to a tiny model and a few steps on the session
+    cluster (one evaluation set); returns the params mapping written."""
+    import yaml
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"].update(patch_size=48, stride=48)
+    params["model"].update(TINY_MODEL)
+    params["loss"].update(loss)
+    params["train"].update(phase1_steps=10, phase2_steps=10, batch_size=4, log_every=5,
+                           checkpoint_every=5)
+    params["ray"].update(address=ray_address, cpus_per_worker=1.0)
+    params["evaluate"]["sets"] = params["evaluate"]["sets"][:1]
+    params["search"].update(study="tiny", trials=3, phase1_steps=6, phase2_steps=10,
+                            eval_every=5)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params

@@ -1,34 +1,13 @@
-"""The real dvc CLI in fresh clone-like copies of the repo: stages, cache, S3 remote."""
+"""The real dvc CLI in fresh clone-like copies of the repo: stages, cache, S3 remote.
+(The whole pipeline under `dvc repro` is tested through the retrain flow: test_flows.py.)"""
 
-import json
 import shutil
-import subprocess
-from pathlib import Path
 
 import boto3
 import pyarrow.parquet as pq
-import yaml
 
-from tests.conftest import REPO, TINY_MODEL
-
-
-def _run(*cmd: str, cwd: Path) -> str:
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{cmd}: {done.stdout}\n{done.stderr}"
-    return done.stdout
-
-
-def _clone(tmp_path: Path) -> Path:
-    """Copy the tracked + untracked-not-ignored files, as a fresh clone would have them."""
-    files = _run("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard",
-                 cwd=REPO).split("\0")
-    dest = tmp_path / "repo"
-    for name in filter(None, files):
-        if (REPO / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, dest / name)
-    _run("git", "init", "-q", cwd=dest)
-    return dest
+from tests.conftest import clone_repo as _clone
+from tests.conftest import run_cmd as _run
 
 
 def test_dvc_repro_prepare_runs_then_is_cached(tmp_path):
@@ -62,31 +41,3 @@ def test_dvc_remote_on_s3_push_then_pull_in_a_clean_clone(tmp_path, s3_server):
                                    for p in (second / "data/prepared").rglob("*") if p.is_file())
     for rel in ours:
         assert (first / rel).read_bytes() == (second / rel).read_bytes()
-
-
-def test_full_pipeline_repro_is_cached_and_reruns_only_downstream(tmp_path, ray_cluster):
-    """prepare -> train_phase1/2 (Ray Train, on the session cluster) -> evaluate -> register
-    with a tiny config; then nothing to do; then one phase II weight reruns from phase II."""
-    repo = _clone(tmp_path)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"].update(patch_size=48, stride=48)
-    params["model"].update(TINY_MODEL)
-    params["train"].update(phase1_steps=10, phase2_steps=10, batch_size=4, log_every=5,
-                           checkpoint_every=5)
-    params["ray"].update(address=ray_cluster.address, cpus_per_worker=1.0)
-    params["evaluate"]["sets"] = params["evaluate"]["sets"][:1]
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = _run("dvc", "repro", cwd=repo)
-    for stage in ("prepare", "train_phase1", "train_phase2", "evaluate", "register"):
-        assert f"Running stage '{stage}'" in out
-    record = json.loads((repo / "reports/registered.json").read_text())
-    assert record["version"] == "1" and record["tracking_uri"] == "sqlite:///mlflow.db"
-    assert "Data and pipelines are up to date" in _run("dvc", "repro", cwd=repo)
-    assert "tno" in _run("dvc", "metrics", "show", cwd=repo)
-    _run("dvc", "plots", "show", "-o", str(tmp_path / "plots"), cwd=repo)
-    assert (tmp_path / "plots" / "index.html").exists()
-    params["loss"]["w_text"] = 2.0
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dry = _run("dvc", "repro", "--dry", cwd=repo)
-    assert "Running stage 'train_phase2'" in dry
-    assert "Running stage 'prepare'" not in dry and "Running stage 'train_phase1'" not in dry

@@ -1,0 +1,155 @@
+"""Scheduled retraining: the DVC pipeline, on Ray, into the MLflow registry.
+
+dvc pull (when a remote is configured) -> ``dvc repro prepare`` -> skip the rest when data
+and params are what the champion was trained from -> (search) -> ``dvc repro`` of
+train_phase1, train_phase2, evaluate, register -> ``fusion promote`` -> dvc push; then a
+markdown artifact with the metric table and the promotion decision.
+
+Run once with the embedded defaults (local Ray, SQLite MLflow, ephemeral Prefect)::
+
+    python -m flows.retrain                    # in the repository
+    python -m flows.retrain --profile quality  # a named set of overrides (flows/profiles/)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.search import search
+from flows.tasks import dvc, fusion, has_remote, stage_env
+from fusion.errors import FusionError
+from fusion.metrics import ALL as METRICS
+from fusion.params import update_params_file
+
+PROFILES = Path(__file__).with_name("profiles")
+TRAINING = ("train_phase1", "train_phase2", "evaluate", "register")
+
+
+def apply_params(repo: Path, params_file: str, profile: str) -> list[str]:
+    """Merge a params file and/or a profile into the repo's params.yaml (validated first,
+    so a bad one leaves params.yaml untouched); DVC then sees the values like any edit."""
+    applied = []
+    sources = []
+    if params_file and Path(repo, params_file).resolve() != (repo / "params.yaml").resolve():
+        sources.append(Path(repo, params_file))
+    if profile:
+        sources.append(PROFILES / f"{profile}.yaml")
+    for source in sources:
+        if not source.exists():
+            known = sorted(p.stem for p in PROFILES.glob("*.yaml"))
+            raise FusionError(f"{source}: not found" + (f" (profiles: {known})"
+                                                         if source.parent == PROFILES else ""))
+        update_params_file(repo / "params.yaml", yaml.safe_load(source.read_text()) or {})
+        applied.append(str(source))
+    return applied
+
+
+def metric_table(summary: dict[str, Any]) -> str:
+    lines = ["| set | method | " + " | ".join(METRICS) + " |",
+             "|---|---|" + "---:|" * len(METRICS)]
+    for name, methods in summary.items():
+        for method, values in methods.items():
+            cells = " | ".join(f"{values[m]:.3f}" for m in METRICS)
+            lines.append(f"| {name} | {method} | {cells} |")
+    return "\n".join(lines)
+
+
+def report(repo: Path, status: dict[str, Any], decision: dict[str, Any] | None) -> str:
+    """The run's markdown: promotion decision and the evaluate stage's metric table."""
+    if decision is None:
+        return (f"# Retraining skipped\n\nData and params are unchanged since champion "
+                f"version {status['champion']} of `{status['model']}` was trained "
+                f"(fingerprint `{status['fingerprint'][:12]}`).\n")
+    verdict = "promoted to champion" if decision["promoted"] else "not promoted"
+    summary = json.loads((repo / "reports/metrics.json").read_text())
+    return (f"# Retraining: `{decision['model']}` version {decision['challenger']} {verdict}\n\n"
+            f"- reason: {decision['reason']}\n- champion now: version {decision['champion']} "
+            f"(before: {decision['champion_before'] or 'none'})\n"
+            f"- weighted gain over the champion: {decision['score']:+.2%}\n\n"
+            f"## Evaluation (model vs. mean / max fusion)\n\n{metric_table(summary)}\n")
+
+
+@flow(name="fusion-retrain", log_prints=True)
+def retrain(repo: str = ".", params_file: str = "params.yaml", profile: str = "",
+            search_first: bool = False, tracking_uri: str = "", ray_address: str = "",
+            push: bool = True) -> dict[str, Any]:
+    """Retrain when data or params changed since the champion; register and promote.
+
+    Args:
+        repo: the DVC repository (a checkout of this project) to run in.
+        params_file: params to run with; a file other than the repo's params.yaml is
+            merged into it first (as `dvc exp run -S` would), so dvc.lock records them.
+        profile: name of a set of overrides in flows/profiles/ (e.g. quality, gpu).
+        search_first: run the loss-weight search first; its best weights are trained.
+        tracking_uri: MLflow tracking URI (default: params, $MLFLOW_TRACKING_URI, SQLite).
+        ray_address: Ray cluster (default: ray.address, $RAY_ADDRESS, a local instance).
+        push: dvc push at the end when a remote is configured.
+    """
+    logger = get_run_logger()
+    root = Path(repo).resolve()
+    env = stage_env(tracking_uri, ray_address)
+    for source in apply_params(root, params_file, profile):
+        logger.info("params: merged %s into params.yaml", source)
+    remote = has_remote(root, env)
+    if remote:
+        dvc(root, ["pull", "--allow-missing"], env)
+    dvc(root, ["repro", "prepare"], env)
+    if search_first:
+        search(repo=str(root), tracking_uri=tracking_uri, ray_address=ray_address)
+    fusion(root, ["status", "--json", "reports/status.json"], env)
+    status = json.loads((root / "reports/status.json").read_text())
+    if status["unchanged"]:
+        logger.info("skipping training: data and params unchanged since champion version %s "
+                    "was trained (fingerprint %s)", status["champion"], status["fingerprint"][:12])
+        create_markdown_artifact(report(root, status, None), key="fusion-retrain",
+                                 description="retraining skipped")
+        return {"skipped": True, "status": status}
+    for stage in TRAINING:
+        dvc(root, ["repro", stage], env)
+    fusion(root, ["promote", "--json", "reports/promotion.json"], env)
+    decision = json.loads((root / "reports/promotion.json").read_text())
+    if remote and push:
+        dvc(root, ["push"], env)
+    create_markdown_artifact(report(root, status, decision), key="fusion-retrain",
+                             description="metrics and promotion decision")
+    return {"skipped": False, "status": status, "promotion": decision}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repo", default=".")
+    parser.add_argument("--params-file", default="params.yaml")
+    parser.add_argument("--profile", default="")
+    parser.add_argument("--search-first", action="store_true")
+    parser.add_argument("--tracking-uri", default="")
+    parser.add_argument("--ray-address", default="")
+    parser.add_argument("--no-push", action="store_true")
+    args = parser.parse_args(argv)
+    state = retrain(repo=args.repo, params_file=args.params_file, profile=args.profile,
+                    search_first=args.search_first, tracking_uri=args.tracking_uri,
+                    ray_address=args.ray_address, push=not args.no_push, return_state=True)
+    if state.is_failed():
+        print(f"retrain flow failed: {state.message}", file=sys.stderr)
+        return 1
+    result = state.result()
+    if result["skipped"]:
+        print("retrain: skipped (nothing changed since the champion was trained)")
+    else:
+        p = result["promotion"]
+        print(f"retrain: {p['model']} version {p['challenger']} "
+              f"{'promoted' if p['promoted'] else 'not promoted'} ({p['reason']}); "
+              f"champion: version {p['champion']}; report: reports/eval/report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

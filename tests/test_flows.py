@@ -1,0 +1,225 @@
+"""Prefect flows under Prefect's test harness: the retrain flow end to end (real dvc, Ray
+Train on the session cluster, SQLite MLflow), its skip, retry and bad-data behaviour, and
+the deployment definitions."""
+
+import json
+import shutil
+
+import boto3
+import mlflow
+import pytest
+import yaml
+from mlflow import MlflowClient
+from prefect import flow
+from prefect.artifacts import Artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.sorting import TaskRunSort
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.retrain import retrain
+from flows.tasks import BadData, StageFailed, dvc, exit_code, failure, retryable, stage_env
+from tests.conftest import REPO, S3_ENV, clone_repo, free_port, run_cmd, tiny_pipeline
+
+# the first retrain (search with 3 Ray Train trials, then both phases) takes about 10 min
+pytestmark = pytest.mark.timeout(1500)
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _task_runs(flow_state) -> dict[str, list]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
+    by_name: dict[str, list] = {}
+    for run in runs:
+        by_name.setdefault(run.name, []).append(run)
+    return by_name
+
+
+@pytest.fixture(scope="module")
+def retrained(tmp_path_factory, prefect_api, ray_cluster):
+    """A fresh clone with a tiny config, retrained once by the flow, searching first
+    (3 trials: each a Ray Train run of the search, then the best weights trained)."""
+    repo = clone_repo(tmp_path_factory.mktemp("retrain"))
+    tiny_pipeline(repo, ray_cluster.address)
+    state = retrain(repo=str(repo), search_first=True, return_state=True)
+    return repo, state
+
+
+def test_retrain_flow_end_to_end_produces_a_champion_and_a_report(retrained):
+    repo, state = retrained
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["skipped"] is False
+    promotion = result["promotion"]
+    assert promotion["promoted"] and promotion["champion"] == "1"
+    record = json.loads((repo / "reports/registered.json").read_text())
+    assert record["version"] == "1" and record["tracking_uri"] == "sqlite:///mlflow.db"
+    runs = _task_runs(state)
+    for name in ("dvc pull --allow-missing", "dvc repro prepare", "dvc repro train_phase1",
+                 "dvc repro train_phase2", "dvc repro evaluate", "dvc repro register",
+                 "fusion promote --json reports/promotion.json", "dvc push"):
+        assert [r.state.type.value for r in runs[name]] == ["COMPLETED"], name
+    artifact = Artifact.get("fusion-retrain")
+    assert "version 1 promoted to champion" in artifact.data
+    assert "| tno | model |" in artifact.data and "| tno | mean |" in artifact.data
+    # dvc.lock is the record: the pipeline is up to date and its outputs were pushed
+    assert "Data and pipelines are up to date" in run_cmd("dvc", "repro", cwd=repo)
+    assert "tno" in run_cmd("dvc", "metrics", "show", cwd=repo)
+    run_cmd("dvc", "plots", "show", "-o", str(repo.parent / "plots"), cwd=repo)
+    assert (repo.parent / "plots" / "index.html").exists()
+    assert any((repo.parent / "fusion-dvc-store").rglob("*"))
+
+
+def test_search_first_logs_trials_and_trains_the_best_weights(retrained):
+    repo, _ = retrained
+    best = json.loads((repo / "reports/search/best.json").read_text())
+    assert (best["trials_before"], best["trials_run"], best["trials"]) == (0, 3, 3)
+    trained = json.loads((repo / "models/phase2/config.json").read_text())
+    assert yaml.safe_load((repo / "params.yaml").read_text())["loss"] == \
+        pytest.approx(best["best"])  # written where dvc repro reads it ...
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert lock["stages"]["train_phase2"]["params"]["params.yaml"]["loss.w_text"] == \
+        pytest.approx(best["best"]["w_text"])  # ... and trained
+    assert trained["phase"] == 2
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("fusion")
+    (parent,) = client.search_runs([experiment.experiment_id],
+                                   "attributes.run_name = 'search-tiny'")
+    children = client.search_runs([experiment.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 3 and all("score" in c.data.metrics for c in children)
+    assert {"lam", "sigma", "w_text", "w_int", "w_adv"} <= set(children[0].data.params)
+
+
+def test_retrain_flow_skips_training_when_nothing_changed(retrained):
+    """Second run, searching first again: the study resumes (its 3 trials are there, none
+    is rerun), the best weights are unchanged, so training is skipped."""
+    repo, _ = retrained
+    state = retrain(repo=str(repo), search_first=True, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["skipped"] is True and result["status"]["champion"] == "1"
+    best = json.loads((repo / "reports/search/best.json").read_text())
+    assert (best["trials_before"], best["trials_run"], best["trials"]) == (3, 0, 3)
+    runs = _task_runs(state)
+    assert "dvc repro prepare" in runs
+    assert not any(name.startswith(("dvc repro train", "fusion promote")) for name in runs)
+    # a changed phase II weight would retrain from phase II on, not prepare or phase I
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["loss"]["w_text"] = 2.0
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dry = run_cmd("dvc", "repro", "--dry", cwd=repo)
+    assert "Running stage 'train_phase2'" in dry
+    assert "Running stage 'prepare'" not in dry and "Running stage 'train_phase1'" not in dry
+
+
+def test_bad_data_fails_the_flow_with_its_reason_and_is_not_retried(tmp_path, prefect_api,
+                                                                   ray_cluster):
+    repo = clone_repo(tmp_path)
+    params = tiny_pipeline(repo, ray_cluster.address)
+    params["data"]["strict"] = True
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for side in ("ir", "vi"):
+        (repo / "data/sample/roadscene" / side / "broken_0001.png").write_bytes(b"not a png")
+    state = retrain(repo=str(repo), return_state=True)
+    assert state.is_failed()
+    assert "broken_0001.png" in state.message and "exit 2" in state.message
+    runs = _task_runs(state)
+    (prepare,) = runs["dvc repro prepare"]
+    assert prepare.state.type.value == "FAILED" and prepare.run_count == 1
+    assert not (repo / "models/phase1").exists()
+
+
+def test_transient_failure_is_retried(tmp_path, prefect_api, s3_server):
+    """`dvc push` to an S3 endpoint that is down: the first attempt fails, the retry
+    policy allows another, the endpoint comes up (moto on that port), the retry succeeds."""
+    from moto.server import ThreadedMotoServer
+
+    repo = clone_repo(tmp_path)
+    run_cmd("dvc", "repro", "prepare", cwd=repo)
+    port = free_port()
+    run_cmd("dvc", "remote", "add", "flaky", "s3://flaky/store", cwd=repo)
+    run_cmd("dvc", "remote", "modify", "flaky", "endpointurl", f"http://127.0.0.1:{port}",
+            cwd=repo)
+    verdicts, servers = [], []
+
+    def retry_when_allowed(task, task_run, state):
+        verdict = retryable(task, task_run, state)
+        verdicts.append(verdict)
+        if verdict and not servers:  # the outage ends
+            servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
+            servers[0].start()
+            boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}",
+                         **{k.lower(): v for k, v in S3_ENV.items()
+                            if k != "AWS_DEFAULT_REGION"}).create_bucket(Bucket="flaky")
+        return verdict
+
+    push = dvc.with_options(retry_delay_seconds=1, retry_condition_fn=retry_when_allowed)
+
+    @flow
+    def push_flow():
+        return push(repo, ["push", "-r", "flaky"], stage_env())
+
+    try:
+        state = push_flow(return_state=True)
+    finally:
+        for server in servers:
+            server.stop()
+    assert state.is_completed(), state.message
+    assert verdicts == [True]
+    (run,) = _task_runs(state)["dvc push -r flaky"]
+    assert run.run_count == 2
+
+
+def test_failure_classification():
+    out = ["ERROR: failed to reproduce 'prepare': failed to run: fusion prepare, exited with 2"]
+    assert exit_code(out, 1) == 2 and exit_code(["boom"], 1) == 1
+    assert isinstance(failure("dvc repro prepare", 1, out), BadData)
+    lost = failure("dvc repro train_phase1", 1, ["RayActorError: node died", "exited with 1"])
+    assert type(lost) is StageFailed
+    assert type(failure("fusion status", 75, ["error: server unreachable"])) is StageFailed
+
+
+def test_deployments_carry_the_cron_schedule():
+    from flows.deploy import WEEKLY, deployments
+
+    retrain_dep, search_dep = deployments(repo="/srv/fusion", cron="15 2 * * 0",
+                                          timezone="Europe/Berlin")
+    (schedule,) = retrain_dep.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == ("15 2 * * 0",
+                                                                    "Europe/Berlin")
+    assert retrain_dep.flow_name == "fusion-retrain" and retrain_dep.parameters["repo"] == \
+        "/srv/fusion"
+    assert search_dep.flow_name == "fusion-search" and not search_dep.schedules
+    (weekly,) = deployments()[0].schedules
+    assert weekly.schedule.cron == WEEKLY
+
+
+def test_profiles_and_params_files_merge_into_params_yaml(tmp_path):
+    from flows.retrain import apply_params
+    from fusion.errors import FusionError
+    from fusion.params import load_params
+
+    repo = tmp_path
+    shutil.copy2(REPO / "params.yaml", repo / "params.yaml")
+    before = (repo / "params.yaml").read_text()
+    (repo / "override.yaml").write_text("loss: {w_adv: 0.3}\n")
+    apply_params(repo, "override.yaml", "quality")
+    params = load_params(repo / "params.yaml")
+    assert params.loss.w_adv == 0.3 and params.train.phase1_steps == 500
+    assert "# phase II adversarial" in (repo / "params.yaml").read_text()  # comments kept
+    (repo / "params.yaml").write_text(before)
+    (repo / "bad.yaml").write_text("loss: {sigma: 3.0}\n")
+    with pytest.raises(FusionError, match="sigma"):
+        apply_params(repo, "bad.yaml", "")
+    assert (repo / "params.yaml").read_text() == before  # untouched on a bad override
+    with pytest.raises(FusionError, match="profiles"):
+        apply_params(repo, "params.yaml", "nope")
