@@ -187,6 +187,14 @@ class MetricWeight:
     weight: float = 1.0
 
 
+def _check_weights(weights: list[MetricWeight], where: str) -> None:
+    from fusion.metrics import ALL
+
+    unknown = sorted({w.metric for w in weights} - set(ALL))
+    if unknown or not weights:
+        raise FusionError(f"{where}: unknown metric(s) {unknown}; known: {ALL}")
+
+
 def _default_weights() -> list[MetricWeight]:
     return [MetricWeight(m) for m in ("VIF", "Qabf", "SSIM", "MI", "SCD")]
 
@@ -201,11 +209,7 @@ class PromoteParams:
     max_drop: float = 0.05  # no weighted metric may get worse by more (relative), on any set
 
     def __post_init__(self) -> None:
-        from fusion.metrics import ALL
-
-        unknown = sorted({w.metric for w in self.weights} - set(ALL))
-        if unknown or not self.weights:
-            raise FusionError(f"promote.weights: unknown metric(s) {unknown}; known: {ALL}")
+        _check_weights(self.weights, "promote.weights")
 
 
 @dataclass(frozen=True)
@@ -253,11 +257,7 @@ class SearchParams:
     write_params: str = "params.yaml"  # best loss weights written here; "": best.json only
 
     def __post_init__(self) -> None:
-        from fusion.metrics import ALL
-
-        unknown = sorted({w.metric for w in self.score} - set(ALL))
-        if unknown or not self.score:
-            raise FusionError(f"search.score: unknown metric(s) {unknown}; known: {ALL}")
+        _check_weights(self.score, "search.score")
         if min(self.trials, self.max_concurrent, self.phase1_steps, self.phase2_steps,
                self.eval_every) < 1:
             raise FusionError("search: trials, max_concurrent, steps and eval_every must be >= 1")
