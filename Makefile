@@ -17,10 +17,11 @@ demo: sync
 
 test: sync
 	$(UV) run ruff check .
-	$(UV) run pytest -q
+	$(UV) run pytest -q --durations=15
 
 bench: sync
 	$(UV) run python benchmarks/bench_prepare.py
 	$(UV) run python benchmarks/bench_metrics.py
 	$(UV) run python benchmarks/bench_model.py
+	$(UV) run python benchmarks/bench_tiling.py
 	$(UV) run python benchmarks/bench_ray.py

@@ -67,7 +67,7 @@ def _fuse(args: argparse.Namespace, params: Params) -> int:
 
     device = resolve_device(args.device or params.train.device)
     model = load_fusion_model(args.model, device)
-    tiles = TileSpec(args.tile, args.overlap)
+    tiles = TileSpec(args.tile, args.halo)
     a, b, out = Path(args.a), Path(args.b), Path(args.output)
     if a.is_dir() != b.is_dir():
         raise FusionError("--a and --b must both be files or both be folders")
@@ -190,7 +190,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     p.add_argument("-o", "--output", required=True, help="output PNG, or folder in folder mode")
     p.add_argument("--tile", type=int, default=1024,
                    help="tile side for large images (default 1024); smaller saves memory")
-    p.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels")
+    p.add_argument("--halo", "--overlap", type=int, default=64, dest="halo",
+                   help="context in pixels around each tile's core (default 64; tiled output "
+                        "equals the whole-image output once it covers the network's reach)")
     p.add_argument("--device", default=None, help="torch device (default: train.device)")
     handlers["fuse"] = _fuse
 

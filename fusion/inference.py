@@ -2,8 +2,8 @@
 
 Colour (DESIGN.md section 1): when a source is truly RGB (its channels differ), its luma Y
 is fused with the other source and its Cb/Cr are put back; RGB files with grey content are
-treated as grey. Tiles overlap and are blended with weights that ramp linearly across the
-overlap, so no seam shows; each tile is padded to what the network needs and cropped back.
+treated as grey. Images larger than the tile size are fused tile by tile with
+``fusion.tiling``, which gives the whole-image result (no seams, no blending needed).
 """
 
 from __future__ import annotations
@@ -26,56 +26,24 @@ from fusion.imaging import (
 )
 from fusion.model import DAEFuse
 from fusion.scoring import match_by_stem
+from fusion.tiling import fuse_tiled
 
 
 @dataclass(frozen=True)
 class TileSpec:
     size: int = 1024  # tile side in pixels; images no larger than this are fused whole
-    overlap: int = 64
-
-
-def _offsets(length: int, size: int, overlap: int) -> list[int]:
-    if length <= size:
-        return [0]
-    step = max(size - overlap, 1)
-    offsets = list(range(0, length - size + 1, step))
-    if offsets[-1] != length - size:
-        offsets.append(length - size)
-    return offsets
-
-
-def _ramp(length: int, overlap: int, start: bool, end: bool) -> torch.Tensor:
-    """1-D blend weights: rise over ``overlap`` pixels at inner tile edges, flat elsewhere."""
-    w = torch.ones(length)
-    ramp = (torch.arange(overlap, dtype=torch.float32) + 0.5) / overlap if overlap else None
-    if ramp is not None and start:
-        w[:overlap] = ramp[: min(overlap, length)]
-    if ramp is not None and end:
-        w[-overlap:] = torch.minimum(w[-overlap:], ramp.flip(0)[-min(overlap, length):])
-    return w
+    halo: int = 64  # context around each tile's core (covers the local layers' reach)
 
 
 @torch.inference_mode()
 def fuse_tensors(model: DAEFuse, a: torch.Tensor, b: torch.Tensor,
                  tiles: TileSpec = TileSpec()) -> torch.Tensor:
-    """Fuse (1, 1, H, W) tensors in [0, 1]; tiles when the image exceeds the tile size."""
+    """Fuse (1, 1, H, W) tensors in [0, 1]; tiles (exactly) when the image exceeds the tile
+    size."""
     h, w = a.shape[-2:]
     if h <= tiles.size and w <= tiles.size:
         return model.fuse(a, b)
-    ys, xs = _offsets(h, tiles.size, tiles.overlap), _offsets(w, tiles.size, tiles.overlap)
-    out = torch.zeros(1, 1, h, w, device=a.device)
-    weight = torch.zeros(1, 1, h, w, device=a.device)
-    for y in ys:
-        for x in xs:
-            th, tw = min(tiles.size, h), min(tiles.size, w)
-            ov_y, ov_x = min(tiles.overlap, th // 2), min(tiles.overlap, tw // 2)
-            wy = _ramp(th, ov_y, y > 0, y + th < h)
-            wx = _ramp(tw, ov_x, x > 0, x + tw < w)
-            wt = (wy[:, None] * wx[None, :]).to(a.device)
-            tile = model.fuse(a[..., y:y + th, x:x + tw], b[..., y:y + th, x:x + tw])
-            out[..., y:y + th, x:x + tw] += tile * wt
-            weight[..., y:y + th, x:x + tw] += wt
-    return out / weight
+    return fuse_tiled(model, a, b, tiles.size, tiles.halo)
 
 
 def _is_colour(image: SourceImage) -> bool:

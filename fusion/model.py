@@ -7,9 +7,17 @@ decoder ends with the inverse pixel-shuffle: every block then runs on 1/s^2 of t
 which is what makes CPU inference affordable, while no input detail is thrown away.
 Channel ("transposed") attention keeps the cost linear in pixels; the ViT runs on a coarse
 token grid with 2-D sin-cos positions built for the actual grid size.
+
+Both attentions are global (over all pixels / all tokens). For tiled inference,
+``fusion.tiling`` installs a ``GlobalAttention`` through ``GLOBAL_ATTENTION`` (a context
+variable, so concurrent threads never see each other's): the layers then ask it for the
+whole image's attention statistics instead of computing them from their own tile.
 """
 
 from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +27,36 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from fusion.params import ModelParams
+
+
+class GlobalAttention(Protocol):
+    """What the attention layers need from exact tiled inference (``fusion.tiling``)."""
+
+    def channel_scores(self, layer: nn.Module, q: torch.Tensor, k: torch.Tensor
+                       ) -> torch.Tensor: ...
+
+    def positions(self, dim: int, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor: ...
+
+    def token_block(self, block: Block, tokens: torch.Tensor, grid: tuple[int, int]
+                    ) -> torch.Tensor: ...
+
+
+GLOBAL_ATTENTION: ContextVar[GlobalAttention | None] = ContextVar("fusion_global_attention",
+                                                                  default=None)
+
+
+def icnr_(conv: nn.Conv2d, scale: int) -> None:
+    """ICNR init (Aitken et al. 2017): the s^2 sub-pixel outputs of a conv feeding a
+    pixel-shuffle start with equal weights, i.e. as a nearest-neighbour upsampling, so the
+    shuffle does not begin with (and need not unlearn) a checkerboard."""
+    groups = scale ** 2
+    if groups == 1:
+        return
+    with torch.no_grad():
+        base = conv.weight[::groups].clone()
+        conv.weight.copy_(base.repeat_interleave(groups, dim=0))
+        if conv.bias is not None:
+            conv.bias.copy_(conv.bias[::groups].repeat_interleave(groups))
 
 
 class ChannelAttention(nn.Module):
@@ -40,11 +78,16 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x_q.shape
-        q = self.q(x_q).reshape(n, self.heads, c // self.heads, h * w)
-        k, v = self.kv(x_kv).reshape(n, 2, self.heads, c // self.heads, h * w).unbind(1)
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        attn = (q @ k.transpose(-2, -1) * self.temperature).softmax(dim=-1)
-        return self.proj((attn @ v).reshape(n, c, h, w))
+        q = self.q(x_q).reshape(n, self.heads, c // self.heads, h, w)
+        k, v = self.kv(x_kv).reshape(n, 2, self.heads, c // self.heads, h, w).unbind(1)
+        tiles = GLOBAL_ATTENTION.get()
+        if tiles is None:
+            qn, kn = F.normalize(q.flatten(3), dim=-1), F.normalize(k.flatten(3), dim=-1)
+            scores = qn @ kn.transpose(-2, -1)
+        else:
+            scores = tiles.channel_scores(self, q, k)
+        attn = (scores * self.temperature).softmax(dim=-1)
+        return self.proj((attn @ v.flatten(3)).reshape(n, c, h, w))
 
 
 class GatedFeedForward(nn.Module):
@@ -95,10 +138,14 @@ class LowFrequencyEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.embed(x)
         n, d, gh, gw = tokens.shape
-        pos = build_sincos2d_pos_embed([gh, gw], d, device=x.device, dtype=tokens.dtype)
+        tiles = GLOBAL_ATTENTION.get()
+        if tiles is None:
+            pos = build_sincos2d_pos_embed([gh, gw], d, device=x.device, dtype=tokens.dtype)
+        else:
+            pos = tiles.positions(d, (gh, gw), tokens.dtype).to(x.device)
         t = tokens.flatten(2).transpose(1, 2) + pos
         for block in self.blocks:
-            t = block(t)
+            t = block(t) if tiles is None else tiles.token_block(block, t, (gh, gw))
         grid = self.norm(t).transpose(1, 2).reshape(n, d, gh, gw)
         return self.out(F.interpolate(grid, size=x.shape[-2:], mode="bilinear",
                                       align_corners=False))
@@ -122,15 +169,20 @@ class DAEFuse(nn.Module):
         # shuffle to a few full-resolution channels and finish with a full-resolution conv:
         # a lone pixel-shuffle to one channel leaves a 2x2 checkerboard
         self.dec_out = nn.Conv2d(c, s2 * 8, 3, padding=1)
+        icnr_(self.dec_out, p.stem_stride)
         self.dec_full = nn.Conv2d(8, 1, 3, padding=1)
         self.cross_a = RestormerBlock(2 * c, p.heads, p.fusion_ffn_factor, cross=True)
         self.cross_b = RestormerBlock(2 * c, p.heads, p.fusion_ffn_factor, cross=True)
         self.fuse_reduce = nn.Conv2d(4 * c, 2 * c, 1)
 
-    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    @property
+    def multiple(self) -> int:
+        """Input sides must be multiples of this (``pad`` takes care of it)."""
+        return self.params.vit_patch * self.params.stem_stride
+
+    def pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         h, w = x.shape[-2:]
-        m = self.params.vit_patch * self.params.stem_stride
-        ph, pw = -h % m, -w % m
+        ph, pw = -h % self.multiple, -w % self.multiple
         if ph or pw:
             mode = "reflect" if ph < h and pw < w else "replicate"
             x = F.pad(x, (0, pw, 0, ph), mode=mode)
@@ -152,14 +204,14 @@ class DAEFuse(nn.Module):
 
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Phase I: (reconstruction, high-freq features, low-freq features)."""
-        xp, (h, w) = self._pad(x)
+        xp, (h, w) = self.pad(x)
         hf, lf = self.encode(xp)
         return self.decode(torch.cat([hf, lf], 1))[..., :h, :w], hf, lf
 
     def fuse(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Phase II / inference: fused image from two same-size sources."""
-        ap, (h, w) = self._pad(a)
-        bp, _ = self._pad(b)
+        ap, (h, w) = self.pad(a)
+        bp, _ = self.pad(b)
         hf, lf = self.encode(torch.cat([ap, bp], 0))  # one pass, shared weights
         phi_a, phi_b = torch.cat([hf, lf], 1).chunk(2, 0)
         fused = self.fuse_reduce(torch.cat([self.cross_a(phi_a, phi_b),

@@ -69,9 +69,9 @@ class LossParams:
 
     lam: float = 0.1  # phase I: weight of the adversarial term (lambda)
     sigma: float = 0.2  # phase I: sigma * L_corr + (1 - sigma) * L_content
-    w_text: float = 1.0  # phase II texture term
+    w_text: float = 5.0  # phase II texture term (Sobel magnitudes are small: weigh it up)
     w_int: float = 1.0  # phase II intensity term
-    w_adv: float = 0.1  # phase II adversarial term
+    w_adv: float = 0.01  # phase II adversarial term (at 0.1 it dominated and added noise)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sigma <= 1.0:
@@ -234,7 +234,7 @@ class SearchRange:
 
 def _default_space() -> list[SearchRange]:
     return [SearchRange("lam", 0.01, 1.0, True), SearchRange("sigma", 0.0, 1.0),
-            SearchRange("w_text", 0.2, 5.0, True), SearchRange("w_int", 0.2, 5.0, True),
+            SearchRange("w_text", 0.5, 20.0, True), SearchRange("w_int", 0.2, 5.0, True),
             SearchRange("w_adv", 0.01, 1.0, True)]
 
 

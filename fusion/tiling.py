@@ -1,0 +1,192 @@
+"""Exact tiled inference: tiles give the same fused image as one whole-image pass.
+
+Every attention layer of DAE-Fuse is global: channel attention normalises and correlates
+over all pixels, the ViT attends over all tokens. Tiles fused independently therefore see
+other statistics and differ from the whole image by a few grey levels. Here the image is
+run in passes instead. Pass k runs every tile up to the k-th attention layer, which adds
+the tile *core*'s share to that layer's whole-image statistics (channel attention: the
+q k^T sums and channel norms; ViT: the core tokens' keys and values) and stops. Once all
+tiles are in, the layer uses the finished statistics in every later pass. The last pass
+runs the tiles to the end and writes their cores.
+
+Cores partition the (padded) image on the network's grid, so every pixel and token is
+counted once. Each tile adds a ``halo`` around its core that covers the receptive field of
+the local layers (convolutions, ViT token interpolation), so a core's output equals the
+whole-image output up to float rounding. Memory is bounded by the tile size; compute is
+about one tile forward pass per attention layer plus one, on tiles that grow by the halo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from timm.layers import build_sincos2d_pos_embed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from fusion.model import GLOBAL_ATTENTION, ChannelAttention, DAEFuse
+
+EPS = 1e-12  # as F.normalize
+
+
+class _Collected(Exception):
+    """A tile reached the layer whose statistics this pass gathers; the rest waits."""
+
+
+def _cores(length: int, core: int) -> list[tuple[int, int]]:
+    """Split [0, length) into near-equal segments of at most ``core`` (both on the grid)."""
+    count = -(-length // core)
+    return [(length * i // count, length * (i + 1) // count) for i in range(count)]
+
+
+@dataclass
+class _Tile:
+    """A tile (y0:y1, x0:x1) of the padded image and its core, in pixels."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    core_y: tuple[int, int]
+    core_x: tuple[int, int]
+
+    def core_in(self, scale: int) -> tuple[slice, slice]:
+        """The core, relative to the tile, on a grid ``scale`` pixels per cell."""
+        return (slice((self.core_y[0] - self.y0) // scale, (self.core_y[1] - self.y0) // scale),
+                slice((self.core_x[0] - self.x0) // scale, (self.core_x[1] - self.x0) // scale))
+
+
+@dataclass
+class _Statistics:
+    """Whole-image attention statistics, layer by layer, and the tile being run."""
+
+    height: int  # padded image, pixels
+    width: int
+    stride: int  # pixels per feature cell (stem stride)
+    patch: int  # pixels per ViT token
+    tile: _Tile | None = None
+    done: dict[int, object] = field(default_factory=dict)
+    partial: dict[int, list] = field(default_factory=dict)
+    gathering: int | None = None
+
+    # -- channel attention ------------------------------------------------------------
+    def channel_scores(self, layer: nn.Module, q: torch.Tensor, k: torch.Tensor
+                       ) -> torch.Tensor:
+        key = id(layer)
+        if key in self.done:
+            return self.done[key]
+        ys, xs = self.tile.core_in(self.stride)
+        qc, kc = q[..., ys, xs].flatten(3).double(), k[..., ys, xs].flatten(3).double()
+        sums = [qc @ kc.transpose(-2, -1), qc.square().sum(-1), kc.square().sum(-1)]
+        self._gather(key, sums, lambda old, new: [o + n for o, n in zip(old, new, strict=True)])
+        raise _Collected
+
+    @staticmethod
+    def _channel_final(sums: list[torch.Tensor]) -> torch.Tensor:
+        gram, q2, k2 = sums
+        norms = q2.sqrt().clamp_min(EPS)[..., :, None] * k2.sqrt().clamp_min(EPS)[..., None, :]
+        return (gram / norms).float()
+
+    # -- ViT --------------------------------------------------------------------------
+    def positions(self, dim: int, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        gh, gw = self.height // self.patch, self.width // self.patch
+        pos = build_sincos2d_pos_embed([gh, gw], dim, dtype=dtype).reshape(gh, gw, dim)
+        ty, tx = self.tile.y0 // self.patch, self.tile.x0 // self.patch
+        return pos[ty:ty + grid[0], tx:tx + grid[1]].reshape(grid[0] * grid[1], dim)
+
+    def token_block(self, block: Block, tokens: torch.Tensor, grid: tuple[int, int]
+                    ) -> torch.Tensor:
+        key = id(block)
+        attn = block.attn
+        n, count, dim = tokens.shape
+        if key not in self.done:
+            x = block.norm1(tokens)
+            kv = attn.qkv(x).reshape(n, count, 3, attn.num_heads, attn.head_dim)[:, :, 1:]
+            ys, xs = self.tile.core_in(self.patch)
+            core = kv.reshape(n, *grid, 2, attn.num_heads, attn.head_dim)[:, ys, xs]
+            core = core.reshape(n, -1, 2, attn.num_heads, attn.head_dim)
+            self._gather(key, core, lambda old, new: torch.cat([old, new], 1))
+            raise _Collected
+        k, v = self.done[key]
+        x = block.norm1(tokens)
+        q = attn.qkv(x).reshape(n, count, 3, attn.num_heads, attn.head_dim)[:, :, 0]
+        q = attn.q_norm(q.transpose(1, 2))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, count, -1)
+        tokens = tokens + block.ls1(attn.proj(attn.norm(out)))
+        return tokens + block.ls2(block.mlp(block.norm2(tokens)))
+
+    @staticmethod
+    def _token_final(kv: torch.Tensor, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (n, heads, tokens, head_dim) each
+        return block.attn.k_norm(k), v
+
+    # -- bookkeeping ------------------------------------------------------------------
+    def _gather(self, key: int, value, combine) -> None:
+        if self.gathering not in (None, key):
+            raise RuntimeError("tiles reached different attention layers in one pass")
+        self.gathering = key
+        self.partial[key] = combine(self.partial[key], value) if key in self.partial else value
+
+    def finish(self, layers: dict[int, nn.Module]) -> None:
+        key, self.gathering = self.gathering, None
+        value = self.partial.pop(key)
+        layer = layers[key]
+        self.done[key] = (self._token_final(value, layer) if isinstance(layer, Block)
+                          else self._channel_final(value))
+
+
+def _tiles(height: int, width: int, size: int, halo: int, grid: int) -> list[_Tile]:
+    core = max((size - 2 * halo) // grid * grid, grid)
+    tiles = []
+    for cy in _cores(height // grid, core // grid):
+        for cx in _cores(width // grid, core // grid):
+            y0, y1 = cy[0] * grid, cy[1] * grid
+            x0, x1 = cx[0] * grid, cx[1] * grid
+            tiles.append(_Tile(max(y0 - halo, 0), min(y1 + halo, height),
+                               max(x0 - halo, 0), min(x1 + halo, width), (y0, y1), (x0, x1)))
+    return tiles
+
+
+@torch.inference_mode()
+def fuse_tiled(model: DAEFuse, a: torch.Tensor, b: torch.Tensor, size: int, halo: int
+               ) -> torch.Tensor:
+    """Fuse (1, 1, H, W) tensors tile by tile, equal to ``model.fuse(a, b)`` up to rounding.
+
+    ``size`` bounds the tile side (core plus halo on both sides); ``halo`` is rounded up to
+    the network's grid (ViT patch times stem stride).
+    """
+    grid = model.multiple
+    h, w = a.shape[-2:]
+    ap, _ = model.pad(a)
+    bp, _ = model.pad(b)
+    height, width = ap.shape[-2:]
+    halo = -(-halo // grid) * grid
+    stats = _Statistics(height, width, model.params.stem_stride,
+                        model.params.vit_patch * model.params.stem_stride)
+    layers = {id(m): m for m in model.modules() if isinstance(m, Block | ChannelAttention)}
+    out = torch.zeros(1, 1, height, width, device=a.device)
+    token = GLOBAL_ATTENTION.set(stats)
+    try:
+        while True:
+            finished = 0
+            for tile in _tiles(height, width, size, halo, grid):
+                stats.tile = tile
+                try:
+                    fused = model.fuse(ap[..., tile.y0:tile.y1, tile.x0:tile.x1],
+                                       bp[..., tile.y0:tile.y1, tile.x0:tile.x1])
+                except _Collected:
+                    continue
+                ys, xs = tile.core_in(1)
+                out[..., tile.core_y[0]:tile.core_y[1], tile.core_x[0]:tile.core_x[1]] = \
+                    fused[..., ys, xs]
+                finished += 1
+            if stats.gathering is None:
+                return out[..., :h, :w]
+            if finished:
+                raise RuntimeError("tiles reached different attention layers in one pass")
+            stats.finish(layers)
+    finally:
+        GLOBAL_ATTENTION.reset(token)
+
