@@ -24,7 +24,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.search import search
-from flows.tasks import dvc, fusion, has_remote, stage_env
+from flows.tasks import dvc, fusion, has_remote, shared_ray, stage_env
 from fusion.errors import FusionError
 from fusion.metrics import ALL as METRICS
 from fusion.params import update_params_file
@@ -90,7 +90,8 @@ def retrain(repo: str = ".", params_file: str = "params.yaml", profile: str = ""
         profile: name of a set of overrides in flows/profiles/ (e.g. quality, gpu).
         search_first: run the loss-weight search first; its best weights are trained.
         tracking_uri: MLflow tracking URI (default: params, $MLFLOW_TRACKING_URI, SQLite).
-        ray_address: Ray cluster (default: ray.address, $RAY_ADDRESS, a local instance).
+        ray_address: Ray cluster (default: ray.address, $RAY_ADDRESS, else one local
+            instance that all stages of this run share).
         push: dvc push at the end when a remote is configured.
     """
     logger = get_run_logger()
@@ -112,8 +113,9 @@ def retrain(repo: str = ".", params_file: str = "params.yaml", profile: str = ""
         create_markdown_artifact(report(root, status, None), key="fusion-retrain",
                                  description="retraining skipped")
         return {"skipped": True, "status": status}
-    for stage in TRAINING:
-        dvc(root, ["repro", stage], env)
+    with shared_ray(root, env) as ray_env:
+        for stage in TRAINING:
+            dvc(root, ["repro", stage], ray_env)
     fusion(root, ["promote", "--json", "reports/promotion.json"], env)
     decision = json.loads((root / "reports/promotion.json").read_text())
     if remote and push:

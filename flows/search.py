@@ -19,7 +19,7 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.tasks import dvc, fusion, stage_env
+from flows.tasks import dvc, fusion, shared_ray, stage_env
 from fusion.params import load_params
 
 
@@ -60,7 +60,8 @@ def search(repo: str = ".", trials: int = 0, study: str = "", write_params: bool
     dvc(root, ["repro", "prepare"], env)
     args = ["search", *(["--trials", str(trials)] if trials else []),
             *(["--study", study] if study else []), *([] if write_params else ["--no-write"])]
-    fusion(root, args, env)
+    with shared_ray(root, env) as ray_env:
+        fusion(root, args, ray_env)
     out = root / load_params(root / "params.yaml").search.out
     best = json.loads((out / "best.json").read_text())
     weights = ", ".join(f"{k}={v:.4g}" for k, v in best["best"].items())

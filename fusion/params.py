@@ -88,8 +88,8 @@ class TrainParams:
     curves: str = "reports"  # loss curves for `dvc plots`: reports/phase{1,2}_curve.csv
     checkpoints: str = "checkpoints"  # single-process (--local) checkpoints, one folder per run
     keep_checkpoints: int = 2
-    phase1_steps: int = 80
-    phase2_steps: int = 80
+    phase1_steps: int = 60
+    phase2_steps: int = 60
     batch_size: int = 8
     crop: int = 0  # random crop inside each patch (0: whole patch)
     lr: float = 5e-4  # autoencoder / fusion Adam learning rate
