@@ -13,7 +13,6 @@ Run once with the embedded defaults (local Ray, SQLite MLflow, ephemeral Prefect
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.search import search
-from flows.tasks import dvc, fusion, has_remote, shared_ray, stage_env
+from flows.tasks import dvc, flow_parser, fusion, has_remote, shared_ray, stage_env
 from fusion.errors import FusionError
 from fusion.metrics import ALL as METRICS
 from fusion.params import update_params_file
@@ -126,14 +125,10 @@ def retrain(repo: str = ".", params_file: str = "params.yaml", profile: str = ""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repo", default=".")
+    parser = flow_parser(__doc__)
     parser.add_argument("--params-file", default="params.yaml")
     parser.add_argument("--profile", default="")
     parser.add_argument("--search-first", action="store_true")
-    parser.add_argument("--tracking-uri", default="")
-    parser.add_argument("--ray-address", default="")
     parser.add_argument("--no-push", action="store_true")
     args = parser.parse_args(argv)
     state = retrain(repo=args.repo, params_file=args.params_file, profile=args.profile,

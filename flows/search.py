@@ -9,7 +9,6 @@ and publishes the trial table as a markdown artifact::
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
@@ -19,7 +18,7 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.tasks import dvc, fusion, shared_ray, stage_env
+from flows.tasks import dvc, flow_parser, fusion, shared_ray, stage_env
 from fusion.params import load_params
 
 
@@ -74,14 +73,10 @@ def search(repo: str = ".", trials: int = 0, study: str = "", write_params: bool
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repo", default=".")
+    parser = flow_parser(__doc__)
     parser.add_argument("--trials", type=int, default=0)
     parser.add_argument("--study", default="")
     parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--tracking-uri", default="")
-    parser.add_argument("--ray-address", default="")
     args = parser.parse_args(argv)
     state = search(repo=args.repo, trials=args.trials, study=args.study,
                    write_params=not args.no_write, tracking_uri=args.tracking_uri,

@@ -10,6 +10,7 @@ concurrency slot, one at a time, because DVC locks the repository.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import re
@@ -124,6 +125,16 @@ def dvc(repo: Path, args: list[str], env: dict[str, str]) -> list[str]:
 def fusion(repo: Path, args: list[str], env: dict[str, str]) -> list[str]:
     """A ``fusion`` command that is not a DVC stage (status, promote, search)."""
     return run_command(["fusion", *args], repo, env)
+
+
+def flow_parser(doc: str | None) -> argparse.ArgumentParser:
+    """Command line of a flow module: the options every flow takes, the rest added by it."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repo", default=".")
+    parser.add_argument("--tracking-uri", default="")
+    parser.add_argument("--ray-address", default="")
+    return parser
 
 
 def stage_env(tracking_uri: str = "", ray_address: str = "") -> dict[str, str]:

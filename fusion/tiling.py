@@ -166,12 +166,13 @@ def fuse_tiled(model: DAEFuse, a: torch.Tensor, b: torch.Tensor, size: int, halo
     stats = _Statistics(height, width, model.params.stem_stride,
                         model.params.vit_patch * model.params.stem_stride)
     layers = {id(m): m for m in model.modules() if isinstance(m, Block | ChannelAttention)}
+    tiles = _tiles(height, width, size, halo, grid)
     out = torch.zeros(1, 1, height, width, device=a.device)
     token = GLOBAL_ATTENTION.set(stats)
     try:
         while True:
             finished = 0
-            for tile in _tiles(height, width, size, halo, grid):
+            for tile in tiles:
                 stats.tile = tile
                 try:
                     fused = model.fuse(ap[..., tile.y0:tile.y1, tile.x0:tile.x1],
