@@ -1,14 +1,23 @@
-"""``fusion <stage> [--params FILE] [--set section.key=value ...]``: one CLI for every stage."""
+"""``fusion <stage> [--params FILE] [--set section.key=value ...]``: one CLI for every stage.
+
+Exit codes: 0 done; 1 some inputs of a folder could not be processed (each reported);
+2 bad input or configuration (one line naming the file and the reason; retrying cannot
+help); 75 a service did not answer (MLflow server, Ray cluster, S3: worth a retry).
+Heavy libraries (torch, Ray, MLflow) are imported only once the inputs have been checked.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fusion.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, FusionError, TransientError
-from fusion.params import Params, load_params
+from fusion import __version__
+from fusion.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, BadInputError, FusionError, TransientError
+from fusion.params import BenchmarkSet, Params, load_params
+from fusion.progress import QUIET_ENV
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +28,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args: argparse.Namespace, params: Params) -> int:
-    from fusion.prepare import prepare, write_summary
+    from fusion.data.prepare import prepare, write_summary
 
     result = prepare(params.data, raw=args.raw, out=args.out, exclude=args.exclude)
     for reject in result.rejects[:20]:
@@ -32,9 +41,10 @@ def _prepare(args: argparse.Namespace, params: Params) -> int:
 
 
 def _score(args: argparse.Namespace, params: Params) -> int:
-    from fusion.scoring import format_table, score_folders, write_json
+    from fusion.evaluation.scoring import format_table, score_folders, write_json
 
-    report = score_folders(args.fused, args.a, args.b, params.metrics, device=args.device)
+    report = score_folders(args.fused, args.a, args.b, params.metrics, device=args.device,
+                           max_pixels=params.data.max_pixels)
     for error in report.errors:
         print(f"  {error}", file=sys.stderr)
     if report.per_image:
@@ -48,45 +58,123 @@ def _score(args: argparse.Namespace, params: Params) -> int:
 
 
 def _train(args: argparse.Namespace, params: Params) -> int:
+    from fusion.engine.runs import fingerprint, run_name
+    from fusion.mlops.registry import resolve_start
+    from fusion.mlops.tracking import phase_sink
+
+    params.family.phase(args.phase)
+    start = resolve_start(params)
+    workers = None if args.local else params.ray.num_workers
+    sink = None
+    if params.family.runs_phase(args.phase, start.warm):
+        name = run_name(params, args.phase, start, workers)
+        sink = phase_sink(params, args.phase, name, fingerprint(params))
     if args.local:
-        from fusion.runs import train_local
+        from fusion.engine.runs import train_local
 
-        out = train_local(params, args.phase, fresh=args.fresh)
+        out = train_local(params, args.phase, start, fresh=args.fresh, sink=sink)
     else:
-        from fusion.distributed import train_ray
+        from fusion.engine.ray_runner import train_ray
 
-        out = train_ray(params, args.phase, fresh=args.fresh, address=args.address)
+        out = train_ray(params, args.phase, start, fresh=args.fresh, address=args.address,
+                        sink=sink)
     print(f"phase {args.phase}: model exported to {out}")
     return 0
 
 
-def _fuse(args: argparse.Namespace, params: Params) -> int:
-    from fusion.inference import TileSpec, fuse_files, fuse_folders
-    from fusion.serving import load_fusion_model
-    from fusion.train import resolve_device
+def _fuse_target(a: Path, out: Path) -> Path:
+    """An existing folder as ``-o`` for one pair: write ``<stem of A>.png`` into it."""
+    return out / f"{a.stem}.png" if out.is_dir() else out
 
-    device = resolve_device(args.device or params.train.device)
-    model = load_fusion_model(args.model, device)
-    tiles = TileSpec(args.tile, args.halo)
+
+def _fuse(args: argparse.Namespace, params: Params) -> int:
+    from fusion.data.images import output_format, probe_image
+    from fusion.inference.fuse import plan
+
     a, b, out = Path(args.a), Path(args.b), Path(args.output)
+    for side in (a, b):
+        if not side.exists():
+            raise BadInputError(side, "not found")
     if a.is_dir() != b.is_dir():
         raise FusionError("--a and --b must both be files or both be folders")
-    if not a.is_dir():
-        fuse_files(model, a, b, out, tiles, device)
+    single = not a.is_dir()
+    if single:  # everything that can be checked is checked before the model loads
+        out = _fuse_target(a, out)
+        spec = plan(probe_image(a, params.data.max_pixels), probe_image(b, params.data.max_pixels))
+        output_format(out, spec.bits, spec.colour)
+        if args.explain:
+            output_format(Path(args.explain), 8, False)
+    engine = _engine(args, params)
+    if args.explain and not engine.explains:
+        raise FusionError(f"--explain: {args.model} has no contribution map (families that "
+                          "have one: see `fusion fuse --help`)")
+    if single:
+        from fusion.inference.fuse import fuse_files
+
+        fuse_files(engine, a, b, out, params.data.max_pixels,
+                   Path(args.explain) if args.explain else None)
         print(f"fused {a.name} + {b.name} -> {out}")
         return 0
-    written, errors = fuse_folders(model, a, b, out, tiles, device)
+    from fusion.inference.fuse import fuse_folders
+
+    written, errors = fuse_folders(engine, a, b, out, params.data.max_pixels,
+                                   bool(args.explain))
     for error in errors:
         print(f"  {error}", file=sys.stderr)
     print(f"fused {len(written)} pairs -> {out}, {len(errors)} failed")
     return 1 if errors else 0
 
 
-def _evaluate(args: argparse.Namespace, params: Params) -> int:
-    from fusion.evaluate import evaluate
-    from fusion.scoring import format_table
+def _engine(args: argparse.Namespace, params: Params):
+    """The model of ``--model`` as an inference engine (torch, or an ONNX file)."""
+    if args.engine == "onnxruntime":
+        from fusion.inference.onnx import OnnxEngine
 
-    summary = evaluate(params)
+        return OnnxEngine.open(args.model, params, threads=args.threads)
+    from fusion.engine.trainer import resolve_device
+    from fusion.inference.fuse import TileSpec, TorchEngine
+    from fusion.mlops.registry import load_ref
+
+    device = resolve_device(args.device or params.train.device)
+    family, model = load_ref(params, args.model, device)
+    return TorchEngine(model, family, TileSpec(args.tile, args.halo), device)
+
+
+def _sets(args: argparse.Namespace, params: Params) -> Params:
+    """``--sets name=A_DIR:B_DIR[:NAMES_FILE]`` (repeatable) replaces evaluate.sets."""
+    from dataclasses import replace
+
+    if not args.sets:
+        return params
+    sets = []
+    for item in args.sets:
+        name, sep, dirs = item.partition("=")
+        parts = dirs.split(":")
+        if not sep or not name or len(parts) not in (2, 3):
+            raise FusionError(f"--sets {item!r}: expected NAME=A_DIR:B_DIR[:NAMES_FILE]")
+        sets.append(BenchmarkSet(name, *parts))
+    return replace(params, evaluate=replace(params.evaluate, sets=sets))
+
+
+def _evaluate(args: argparse.Namespace, params: Params) -> int:
+    from fusion.engine.checkpoint import weights_digest
+    from fusion.evaluation.evaluate import Candidate, evaluate, set_pairs
+    from fusion.evaluation.scoring import format_table
+    from fusion.inference.fuse import TileSpec, TorchEngine
+    from fusion.mlops.registry import is_uri, load_ref
+
+    params = _sets(args, params)
+    refs = args.model or [params.evaluate.model, *params.evaluate.compare]
+    for bench in params.evaluate.sets:
+        set_pairs(bench)  # bad folders or names fail before any model loads
+    candidates = []
+    for i, ref in enumerate(refs):
+        family, model = load_ref(params, ref)
+        label = "model" if i == 0 else (ref if is_uri(ref) else f"{family.name}:{Path(ref).name}")
+        candidates.append(Candidate(label, TorchEngine(model, family,
+                                                       TileSpec(params.evaluate.tile))))
+    digest = "" if is_uri(refs[0]) else weights_digest(refs[0])
+    summary = evaluate(params, candidates, digest)
     for name, methods in summary.items():
         print(f"{name} ({int(methods['model']['pairs'])} pairs)")
         print(format_table(methods))
@@ -94,8 +182,18 @@ def _evaluate(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace, params: Params) -> int:
+    from fusion.inference.onnx import export_onnx
+    from fusion.mlops.registry import load_ref
+
+    family, model = load_ref(params, args.model)
+    out = export_onnx(model, family, Path(args.onnx), opset=args.opset)
+    print(f"exported {family.name} to {out} (ONNX opset {args.opset})")
+    return 0
+
+
 def _register(args: argparse.Namespace, params: Params) -> int:
-    from fusion.tracking import register
+    from fusion.mlops.tracking import register
 
     record = register(params)
     print(f"registered {record['model_name']} version {record['version']} as challenger "
@@ -106,7 +204,8 @@ def _register(args: argparse.Namespace, params: Params) -> int:
 def _promote(args: argparse.Namespace, params: Params) -> int:
     import json
 
-    from fusion.promotion import promote, rollback
+    from fusion.files import write_text
+    from fusion.mlops.promotion import promote, rollback
 
     if args.rollback:
         result = rollback(params)
@@ -118,17 +217,17 @@ def _promote(args: argparse.Namespace, params: Params) -> int:
         print(f"{result['model']} version {result['challenger']} {verdict}: {result['reason']}"
               f" (champion now: version {result['champion']})")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        write_text(args.json, json.dumps(result, indent=2, sort_keys=True) + "\n")
     return 0
 
 
 def _search(args: argparse.Namespace, params: Params) -> int:
-    from fusion.search import run_search
+    from fusion.mlops.registry import resolve_start
+    from fusion.mlops.search import run_search
 
     write = "" if args.no_write else None
     result = run_search(params, trials=args.trials, study=args.study, address=args.address,
-                        write_params=write)
+                        write_params=write, start=resolve_start(params))
     print(f"search {result['study']}: best trial {result['best_trial']} of "
           f"{result['trials']} (score {result['score']:+.4f}): "
           + ", ".join(f"{k}={v:.4g}" for k, v in result["best"].items()))
@@ -138,7 +237,8 @@ def _search(args: argparse.Namespace, params: Params) -> int:
 def _status(args: argparse.Namespace, params: Params) -> int:
     import json
 
-    from fusion.tracking import champion_status
+    from fusion.files import write_text
+    from fusion.mlops.tracking import champion_status
 
     status = champion_status(params)
     if status["champion"] is None:
@@ -148,13 +248,33 @@ def _status(args: argparse.Namespace, params: Params) -> int:
         print(f"{status['model']}: data and params {same} since champion version "
               f"{status['champion']} (fingerprint {status['fingerprint'][:12]})")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(status, indent=2) + "\n")
+        write_text(args.json, json.dumps(status, indent=2) + "\n")
     return 0
 
 
+FUSE_EPILOG = """\
+Folder mode: --a and --b are folders; files pair up by stem (ir/07.png with vi/07.jpg).
+A stem held by two files in one folder (07.png and 07.tif) is ambiguous and reported, as
+is a file with no partner; the other pairs are fused into OUT/<stem>.png and the command
+exits 1 if anything was reported.
+
+Output: grey when both sources are grey (an RGB file of grey content counts as grey),
+colour when one source is colour (its Cb/Cr are kept, its luma Y is fused). The bit depth
+is the larger of the two sources: 16-bit when either is 16-bit (PNG or TIFF, colour too),
+else 8-bit. The format follows -o's suffix (.png, .tif, .jpg, .bmp); a format that cannot
+hold the result (16-bit into .jpg) is refused before the model loads.
+
+--explain FILE writes the contribution map of source A (8-bit grey, 255 = all A) for
+families that estimate one (mfdce-fuse); in folder mode maps go to OUT/contribution/.
+"""
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
-    parser = argparse.ArgumentParser(prog="fusion", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fusion", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fusion {__version__}")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (they show only on a terminal anyway)")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     handlers: dict[str, Callable] = {}
 
@@ -169,35 +289,62 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
                    help="counts for `dvc metrics` (default: data.summary)")
     handlers["prepare"] = _prepare
 
-    p = sub.add_parser("train", help="train DAE-Fuse phase 1 (feature extraction) or 2 (fusion)")
+    p = sub.add_parser("train", help="train one phase of the family's recipe (model.family)")
     _common(p)
-    p.add_argument("--phase", type=int, choices=(1, 2), required=True)
+    p.add_argument("--phase", type=int, required=True, metavar="N",
+                   help="phase of the recipe, from 1 (e.g. dae-fuse: 1 adversarial feature "
+                        "extraction, 2 cross-modality fusion, which starts from phase 1)")
     p.add_argument("--fresh", action="store_true",
                    help="discard this configuration's checkpoints instead of resuming")
     p.add_argument("--address", default="",
                    help="Ray cluster to join (default: ray.address, then $RAY_ADDRESS, "
-                        "else a local Ray instance)")
+                        "else a new local Ray instance)")
     p.add_argument("--local", action="store_true",
                    help="train in this process without Ray (same loop; for debugging)")
     handlers["train"] = _train
 
-    p = sub.add_parser("fuse", help="fuse one pair or two folders of pairs with a trained model")
+    p = sub.add_parser("fuse", help="fuse one pair or two folders of pairs with a trained "
+                       "model", epilog=FUSE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
     p.add_argument("--model", required=True,
-                   help="exported model folder or MLflow URI (models:/dae-fuse@champion)")
+                   help="exported model folder, MLflow URI (models:/dae-fuse@champion), "
+                        "@alias of the active family, or an .onnx file (--engine onnxruntime)")
     p.add_argument("--a", required=True, help="source A image or folder (ir / mri)")
     p.add_argument("--b", required=True, help="source B image or folder (vi / ct / pet ...)")
-    p.add_argument("-o", "--output", required=True, help="output PNG, or folder in folder mode")
+    p.add_argument("-o", "--output", required=True,
+                   help="output image (format from the suffix), or a folder")
     p.add_argument("--tile", type=int, default=1024,
                    help="tile side for large images (default 1024); smaller saves memory")
     p.add_argument("--halo", "--overlap", type=int, default=64, dest="halo",
                    help="context in pixels around each tile's core (default 64; tiled output "
                         "equals the whole-image output once it covers the network's reach)")
     p.add_argument("--device", default=None, help="torch device (default: train.device)")
+    p.add_argument("--engine", choices=("torch", "onnxruntime"), default="torch",
+                   help="torch (default; exact tiling of large images) or onnxruntime "
+                        "(a file from `fusion export --onnx`, whole images)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="onnxruntime intra-op threads (default 0: all cores)")
+    p.add_argument("--explain", default=None, metavar="FILE",
+                   help="also write the contribution map of source A (see below)")
     handlers["fuse"] = _fuse
 
-    p = sub.add_parser("evaluate", help="fuse and score every benchmark set, with baselines")
+    p = sub.add_parser("export", help="export a model for other runtimes (ONNX)")
     _common(p)
+    p.add_argument("--model", required=True, help="exported model folder or MLflow URI")
+    p.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file to write")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    handlers["export"] = _export
+
+    p = sub.add_parser("evaluate", help="fuse and score the benchmark sets with one or more "
+                       "models side by side, with the mean and max fusion baselines")
+    _common(p)
+    p.add_argument("--model", action="append", default=None, metavar="REF",
+                   help="model to evaluate (folder or MLflow URI; repeatable: models side by "
+                        "side, the first is 'model'); default: evaluate.model + .compare")
+    p.add_argument("--sets", action="append", default=None, metavar="NAME=A_DIR:B_DIR[:LIST]",
+                   help="benchmark set instead of evaluate.sets (repeatable); LIST names "
+                        "the pairs to use")
     handlers["evaluate"] = _evaluate
 
     p = sub.add_parser("score", help="score fused images against their sources (EN, SD, ...)")
@@ -210,24 +357,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     handlers["score"] = _score
 
     p = sub.add_parser("register", help="log the pipeline run to MLflow, register the model "
-                       "as challenger")
+                       "as challenger (a rerun after a failure completes it)")
     _common(p)
     handlers["register"] = _register
 
-    p = sub.add_parser("promote", help="challenger vs champion on the benchmark sets; move "
-                       "the champion alias when the rule in params.yaml says so")
+    p = sub.add_parser("promote", help="challenger vs floor and champion on the benchmark "
+                       "sets; move the champion alias when the rule in params.yaml says so")
     _common(p)
     p.add_argument("--rollback", action="store_true",
                    help="move champion back to the version it replaced")
     p.add_argument("--json", default=None, metavar="OUT", help="write the decision as JSON")
     handlers["promote"] = _promote
 
-    p = sub.add_parser("search", help="tune the loss weights: Optuna through Ray Tune, "
-                       "trials as Ray Train runs, best weights into params.yaml")
+    p = sub.add_parser("search", help="tune the family's loss weights: Optuna through Ray "
+                       "Tune, trials as Ray Train runs, best weights into params.yaml")
     _common(p)
     p.add_argument("--trials", type=int, default=None,
                    help="trials the study should hold (default: search.trials)")
-    p.add_argument("--study", default=None, help="Optuna study name (default: search.study)")
+    p.add_argument("--study", default=None,
+                   help="Optuna study name (default: search.study, else <family>-loss)")
     p.add_argument("--address", default="", help="Ray cluster (as for `fusion train`)")
     p.add_argument("--no-write", action="store_true",
                    help="only write search.out/best.json, not search.write_params")
@@ -244,6 +392,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
 def main(argv: list[str] | None = None) -> int:
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
+    if args.quiet:
+        os.environ[QUIET_ENV] = "1"
     try:
         params = load_params(args.params, args.overrides)
         return handlers[args.stage](args, params)

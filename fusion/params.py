@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from fusion.errors import FusionError
+from fusion.files import write_text
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -35,47 +36,27 @@ class DataParams:
     min_patch_std: float = 0.02
     shard_max_mb: float = 64.0
     strict: bool = False
+    max_pixels: int = 50_000_000  # larger images are refused from their header (prepare ...)
+    follow_symlinks: bool = False  # false: symlinks leaving a raw root are rejected
+
+    def __post_init__(self) -> None:
+        if self.max_pixels < 1:
+            raise FusionError("data.max_pixels must be positive")
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    """The ``model`` section: DAE-Fuse sizes (see DESIGN.md section 2)."""
+    """The ``model`` section: which family trains, and one typed section per family
+    (``model.<family>``: sizes, loss weights of each phase, search space; see
+    ``fusion.models``). Sections of other families are kept, and checked, too."""
 
-    channels: int = 24  # C: width of the shallow encoder and the decoder
-    stem_stride: int = 2  # pixel-unshuffle factor before the encoder (1: full resolution)
-    heads: int = 2  # channel-attention heads (Restormer blocks, cross-modality fusion)
-    ffn_factor: float = 2.0  # gated-dconv feed-forward expansion
-    fusion_ffn_factor: float = 0.0  # feed-forward after cross attention (0: none)
-    se_blocks: int = 1  # Restormer blocks in the shallow encoder
-    dhe_blocks: int = 2  # ResNet-18 basic blocks in the high-frequency encoder
-    vit_patch: int = 8  # low-frequency encoder token stride
-    vit_dim: int = 64
-    vit_depth: int = 2
-    vit_heads: int = 4
-    decoder_blocks: int = 1
-    disc_channels: int = 32
-    disc_layers: int = 4
+    family: str = "dae-fuse"
+    configs: dict[str, Any] = field(default_factory=dict)  # family name -> its Config
 
-    def __post_init__(self) -> None:
-        for name in ("channels", "vit_dim"):
-            heads = self.heads if name == "channels" else self.vit_heads
-            if getattr(self, name) % heads:
-                raise FusionError(f"model.{name} must be divisible by its number of heads")
-
-
-@dataclass(frozen=True)
-class LossParams:
-    """The ``loss`` section: the weights the search tunes (DESIGN.md section 3)."""
-
-    lam: float = 0.1  # phase I: weight of the adversarial term (lambda)
-    sigma: float = 0.2  # phase I: sigma * L_corr + (1 - sigma) * L_content
-    w_text: float = 5.0  # phase II texture term (Sobel magnitudes are small: weigh it up)
-    w_int: float = 1.0  # phase II intensity term
-    w_adv: float = 0.01  # phase II adversarial term (at 0.1 it dominated and added noise)
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.sigma <= 1.0:
-            raise FusionError(f"loss.sigma must be in [0, 1], got {self.sigma}")
+    @property
+    def config(self) -> Any:
+        """The active family's section."""
+        return self.configs[self.family]
 
 
 @dataclass(frozen=True)
@@ -83,17 +64,16 @@ class TrainParams:
     """The ``train`` section: the loop shared by single-process and Ray Train runs."""
 
     data: str = "data/prepared"  # output of `fusion prepare` (reads patches/train-*)
-    phase1_out: str = "models/phase1"
-    phase2_out: str = "models/phase2"
-    curves: str = "reports"  # loss curves for `dvc plots`: reports/phase{1,2}_curve.csv
+    out: str = "models"  # exports: <out>/phase1, <out>/phase2 ...
+    curves: str = "reports"  # loss curves for `dvc plots`: reports/phase{N}_curve.csv
     checkpoints: str = "checkpoints"  # single-process (--local) checkpoints, one folder per run
     keep_checkpoints: int = 2
-    phase1_steps: int = 60
-    phase2_steps: int = 60
+    steps: list[int] = field(default_factory=lambda: [60, 60])  # per phase of the recipe
+    init: str = ""  # warm start: an export folder, models:/<name>@<alias>, or @champion
     batch_size: int = 8
     crop: int = 0  # random crop inside each patch (0: whole patch)
-    lr: float = 5e-4  # autoencoder / fusion Adam learning rate
-    d_lr: float = 2e-4  # discriminator Adam learning rate
+    lr: float = 5e-4  # network Adam learning rate
+    d_lr: float = 2e-4  # discriminator Adam learning rate (adversarial phases)
     lr_min_ratio: float = 0.1  # cosine decay from lr to lr * ratio
     grad_clip: float = 1.0
     seed: int = 0
@@ -101,6 +81,13 @@ class TrainParams:
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
     log_every: int = 10
     checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        if not self.steps or min(self.steps) < 1:
+            raise FusionError(f"train.steps: one positive count per phase, got {self.steps}")
+
+    def phase_out(self, phase: int) -> Path:
+        return Path(self.out) / f"phase{phase}"
 
 
 PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -110,7 +97,7 @@ PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 class RayParams:
     """The ``ray`` section: how ``fusion train`` runs on Ray Train (laptop to cluster)."""
 
-    address: str = ""  # "": $RAY_ADDRESS if set, else start a local cluster
+    address: str = ""  # "": $RAY_ADDRESS if set, else a new local Ray instance
     num_workers: int = 1  # DDP workers; train.batch_size is per worker
     use_gpu: bool = False  # one GPU per worker (nccl); false: CPU workers (gloo)
     cpus_per_worker: float = 1.0
@@ -148,7 +135,8 @@ def _default_sets() -> list[BenchmarkSet]:
 class EvaluateParams:
     """The ``evaluate`` section: which sets to fuse and score, and where reports go."""
 
-    model: str = "models/phase2"
+    model: str = "models/phase2"  # the pipeline's model (what `register` registers)
+    compare: list[str] = field(default_factory=list)  # more models beside it (folder or URI)
     sets: list[BenchmarkSet] = field(default_factory=_default_sets)
     out: str = "reports/eval"  # per-image parquet, report.md, fused images
     grids: str = "reports/grids"  # one PNG per set (A | B | fused) for `dvc plots`
@@ -177,8 +165,10 @@ class MlflowParams:
 
     tracking_uri: str = ""  # "": $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (embedded)
     experiment: str = "fusion"
-    model_name: str = "dae-fuse"
+    model_name: str = ""  # registered model; "": the family's name
     registered: str = "reports/registered.json"  # the register stage's record (DVC out)
+    timeout_s: float = 30.0  # per HTTP request to a tracking server
+    retries: int = 2  # retries of a failed request (then exit 75, naming the server)
 
 
 @dataclass(frozen=True)
@@ -188,15 +178,19 @@ class MetricWeight:
 
 
 def _check_weights(weights: list[MetricWeight], where: str) -> None:
-    from fusion.metrics import ALL
+    from fusion.evaluation import METRICS
 
-    unknown = sorted({w.metric for w in weights} - set(ALL))
+    unknown = sorted({w.metric for w in weights} - set(METRICS))
     if unknown or not weights:
-        raise FusionError(f"{where}: unknown metric(s) {unknown}; known: {ALL}")
+        raise FusionError(f"{where}: unknown metric(s) {unknown}; known: {list(METRICS)}")
 
 
 def _default_weights() -> list[MetricWeight]:
-    return [MetricWeight(m) for m in ("VIF", "Qabf", "SSIM", "MI", "SCD")]
+    return [MetricWeight(m) for m in ("VIF", "Qabf", "SSIM")] + [
+        MetricWeight(m, 0.5) for m in ("MI", "SCD")]
+
+
+FLOORS = ("mean", "max", "none")
 
 
 @dataclass(frozen=True)
@@ -205,71 +199,43 @@ class PromoteParams:
 
     weights: list[MetricWeight] = field(default_factory=_default_weights)
     sets: list[str] = field(default_factory=list)  # evaluate.sets names; empty: all of them
+    floor: str = "mean"  # the challenger must beat this baseline on every set (none: off)
     min_improvement: float = 0.0  # weighted mean relative gain the challenger needs
     max_drop: float = 0.05  # no weighted metric may get worse by more (relative), on any set
 
     def __post_init__(self) -> None:
         _check_weights(self.weights, "promote.weights")
-
-
-@dataclass(frozen=True)
-class SearchRange:
-    """One tuned loss weight: a key of the ``loss`` section and its range."""
-
-    name: str
-    low: float
-    high: float
-    log: bool = False  # sample on a log scale (weights spanning decades)
-
-    def __post_init__(self) -> None:
-        known = [f.name for f in dataclasses.fields(LossParams)]
-        if self.name not in known:
-            raise FusionError(f"search.space: {self.name!r} is not a loss weight; known: {known}")
-        if not self.low < self.high or self.low < 0 or (self.log and self.low <= 0):
-            raise FusionError(f"search.space.{self.name}: need 0 <= low < high (low > 0 "
-                              f"with log), got [{self.low}, {self.high}]")
-        if self.name == "sigma" and self.high > 1:
-            raise FusionError("search.space.sigma: sigma must stay in [0, 1]")
-
-
-def _default_space() -> list[SearchRange]:
-    return [SearchRange("lam", 0.01, 1.0, True), SearchRange("sigma", 0.0, 1.0),
-            SearchRange("w_text", 0.5, 20.0, True), SearchRange("w_int", 0.2, 5.0, True),
-            SearchRange("w_adv", 0.01, 1.0, True)]
+        if self.floor not in FLOORS:
+            raise FusionError(f"promote.floor must be one of {FLOORS}, got {self.floor!r}")
 
 
 @dataclass(frozen=True)
 class SearchParams:
-    """The ``search`` section: Optuna through Ray Tune over the loss weights."""
+    """The ``search`` section: Optuna through Ray Tune over the active family's loss weights
+    (the space is ``model.<family>.search``)."""
 
-    study: str = "dae-fuse-loss"  # Optuna study name: the same name resumes the study
+    study: str = ""  # Optuna study; "": <family>-loss. The same name resumes the study
     storage: str = ""  # "": sqlite:///<out>/optuna.db; any SQLAlchemy URL (postgresql://...)
     trials: int = 8  # trials the study should hold; a rerun adds only the missing ones
     max_concurrent: int = 1  # trials at once (each one is a Ray Train run)
-    phase1_steps: int = 60  # per trial (replace train.phase{1,2}_steps)
-    phase2_steps: int = 60
-    eval_every: int = 20  # validation score every N phase II steps: the ASHA milestones
+    steps: list[int] = field(default_factory=lambda: [60, 60])  # per phase, per trial
+    eval_every: int = 20  # validation score every N steps of the last phase (ASHA milestones)
     reduction_factor: int = 2  # ASHA keeps the best 1/N of the trials at each milestone
     val_pairs: int = 8  # held-out pairs (split "val" of the manifest) scored; 0: all
     score: list[MetricWeight] = field(default_factory=_default_weights)
-    space: list[SearchRange] = field(default_factory=_default_space)
     out: str = "reports/search"  # best.json, trials.csv, optuna.db
     write_params: str = "params.yaml"  # best loss weights written here; "": best.json only
 
     def __post_init__(self) -> None:
         _check_weights(self.score, "search.score")
-        if min(self.trials, self.max_concurrent, self.phase1_steps, self.phase2_steps,
-               self.eval_every) < 1:
+        if min(self.trials, self.max_concurrent, self.eval_every, *self.steps) < 1:
             raise FusionError("search: trials, max_concurrent, steps and eval_every must be >= 1")
-        if not self.space:
-            raise FusionError("search.space: nothing to tune")
 
 
 @dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
-    loss: LossParams = field(default_factory=LossParams)
     train: TrainParams = field(default_factory=TrainParams)
     ray: RayParams = field(default_factory=RayParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
@@ -278,12 +244,62 @@ class Params:
     promote: PromoteParams = field(default_factory=PromoteParams)
     search: SearchParams = field(default_factory=SearchParams)
 
+    def __post_init__(self) -> None:
+        if not self.model.configs:  # built in code: every family at its defaults
+            object.__setattr__(self, "model", _model_section({"family": self.model.family},
+                                                             "model"))
+        phases = len(self.family.phases)
+        for where, steps in (("train.steps", self.train.steps),
+                             ("search.steps", self.search.steps)):
+            if len(steps) != phases:
+                raise FusionError(f"{where}: {self.model.family} trains {phases} phases, "
+                                  f"got {len(steps)} step counts")
+
+    @property
+    def family(self):
+        """The active family's registry entry."""
+        from fusion.models.registry import get_family
+
+        return get_family(self.model.family)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def model_name(self) -> str:
+        """The registered model of the active family."""
+        return self.mlflow.model_name or self.model.family
+
+
+def _model_section(raw: Any, where: str) -> ModelParams:
+    """``model``: the family name plus a typed section per registered family."""
+    from fusion.models.registry import get_family, list_families
+
+    if not isinstance(raw, dict):
+        raise FusionError(f"{where}: expected a mapping, got {raw!r}")
+    families = list_families()
+    unknown = sorted(set(raw) - {"family", *families})
+    if unknown:
+        raise FusionError(f"{where}: unknown key(s) {unknown}; known: family, {families}")
+    family = _check_type(raw.get("family", ModelParams.family), str, f"{where}.family")
+    get_family(family)  # a clear error for an unknown name
+    configs = {}
+    for name in families:
+        fam = get_family(name)
+        config = typed(fam.config, raw.get(name) or {}, f"{where}.{name}")
+        fam.check(config, f"{where}.{name}")
+        configs[name] = config
+    return ModelParams(family, configs)
+
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:
     """Return ``value`` coerced to ``hint`` (int -> float only) or raise naming ``where``."""
     origin = typing.get_origin(hint)
+    if hint is ModelParams:
+        return _model_section(value, where)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
+        return typed(hint, value, where)
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -302,14 +318,17 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+def typed(cls: type, raw: dict[str, Any], where: str) -> Any:
+    """``cls`` (a params dataclass) built from a mapping, every value type-checked; errors
+    name the key as ``where.key``."""
     if not isinstance(raw, dict):
-        raise FusionError(f"{where}: expected a mapping, got {raw!r}")
+        raise FusionError(f"{where or 'params'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise FusionError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+        raise FusionError(f"{where or 'params'}: unknown key(s) {unknown}; known: "
+                          f"{sorted(names)}")
     required = {f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
     missing = sorted(required - set(raw))
@@ -350,7 +369,7 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
             raise FusionError(f"{path}: not valid YAML: {exc}") from exc
     elif path != DEFAULT_PARAMS:
         raise FusionError(f"{path}: params file not found")
-    return _build(Params, apply_overrides(raw, list(overrides or [])), "")
+    return typed(Params, apply_overrides(raw, list(overrides or [])), "")
 
 
 def update_params_file(path: str | Path, updates: dict[str, Any]) -> Params:
@@ -382,13 +401,24 @@ def update_params_file(path: str | Path, updates: dict[str, Any]) -> Params:
     buffer = io.StringIO()
     rt.dump(doc, buffer)
     text = buffer.getvalue()
-    params = _build(Params, yaml.safe_load(text) or {}, "")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    params = typed(Params, yaml.safe_load(text) or {}, "")
+    write_text(path, text)
     return params
 
 
+def family_profile(family: str, name: str) -> dict[str, Any]:
+    """A family's named profile (e.g. ``paper`` sizes) as a params update."""
+    from fusion.models.registry import get_family
+
+    fam = get_family(family)
+    if name not in fam.profiles:
+        raise FusionError(f"{family}: no profile {name!r}; known: {sorted(fam.profiles)}")
+    return {"model": {family: fam.profiles[name]}}
+
+
 def to_dict(params: Params) -> dict[str, Any]:
-    """Plain mapping of the params, e.g. for logging or writing a params file."""
-    return dataclasses.asdict(params)
+    """Plain mapping of the params, laid out as params.yaml (for logging or writing)."""
+    out = dataclasses.asdict(params)
+    out["model"] = {"family": params.model.family,
+                    **{name: dataclasses.asdict(c) for name, c in params.model.configs.items()}}
+    return out

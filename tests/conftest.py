@@ -32,43 +32,78 @@ def save(path: Path, arr: np.ndarray) -> Path:
 
 @pytest.fixture
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"benchmark data not found at {SHARED_DATA}")
+    """The benchmark data beside the repository (``../shared/data``). Missing data fails the
+    test: CI has it, and a silent skip would hide a lost check."""
+    assert SHARED_DATA.is_dir(), (f"benchmark data not found at {SHARED_DATA} (set "
+                                  "FUSION_SHARED_DATA to its folder)")
     return SHARED_DATA
 
 
-TINY_MODEL = {"channels": 8, "heads": 2, "se_blocks": 1, "dhe_blocks": 1, "vit_patch": 4,
-              "vit_dim": 16, "vit_depth": 1, "vit_heads": 2, "decoder_blocks": 1,
-              "disc_channels": 8, "disc_layers": 2}
+TINY_NETS = {
+    "dae-fuse": {"channels": 8, "heads": 2, "se_blocks": 1, "dhe_blocks": 1, "vit_patch": 4,
+                 "vit_dim": 16, "vit_depth": 1, "vit_heads": 2, "decoder_blocks": 1,
+                 "disc_channels": 8, "disc_layers": 2},
+    "cddfuse": {"dim": 8, "heads": 2, "encoder_blocks": 1, "decoder_blocks": 1,
+                "detail_layers": 1, "fuse_detail_layers": 1},
+    "mfdce-fuse": {"channels": 8, "cnn_blocks": 1, "swin_blocks": 2, "swin_heads": 2,
+                   "window": 4, "decoder_blocks": 1, "smooth": 3},
+}
+TINY_MODEL = TINY_NETS["dae-fuse"]
 
 
-def tiny_params(tmp: Path, **train):
-    """Params of a seconds-long run on the bundled sample, everything written under ``tmp``."""
-    from fusion.params import DataParams, ModelParams, Params, TrainParams
+def tiny_params(tmp: Path, family: str = "dae-fuse", **train):
+    """Params of a seconds-long run of ``family`` on the bundled sample, everything written
+    under ``tmp`` (the tiny networks of every family, ``family`` active)."""
+    from fusion.params import Params, typed
 
-    settings = {"data": str(tmp / "prepared"), "phase1_out": str(tmp / "phase1"),
-                "phase2_out": str(tmp / "phase2"), "curves": str(tmp / "reports"),
-                "checkpoints": str(tmp / "ck"), "phase1_steps": 30, "phase2_steps": 30,
-                "batch_size": 4, "lr": 2e-3, "d_lr": 1e-3, "log_every": 5,
+    settings = {"data": str(tmp / "prepared"), "out": str(tmp / "models"),
+                "curves": str(tmp / "reports"), "checkpoints": str(tmp / "ck"),
+                "steps": [30, 30], "batch_size": 4, "lr": 2e-3, "d_lr": 1e-3, "log_every": 5,
                 "checkpoint_every": 10, "device": "cpu", **train}
-    data = DataParams(raw=[str(REPO / "data/sample/roadscene")], out=str(tmp / "prepared"),
-                      exclude=[str(REPO / "data/sample/roadscene/test_split.txt")],
-                      patch_size=48, stride=48)
-    return Params(data=data, model=ModelParams(**TINY_MODEL), train=TrainParams(**settings))
+    data = {"raw": [str(REPO / "data/sample/roadscene")], "out": str(tmp / "prepared"),
+            "exclude": [str(REPO / "data/sample/roadscene/test_split.txt")],
+            "patch_size": 48, "stride": 48}
+    model = {"family": family, **{name: {"net": net} for name, net in TINY_NETS.items()}}
+    return typed(Params, {"data": data, "model": model, "train": settings}, "")
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """Sample data prepared and both phases trained once per session with the tiny model."""
-    from fusion.prepare import prepare
-    from fusion.runs import train_local
+def prepared(tmp_path_factory):
+    """The bundled sample prepared once (48-pixel patches) for every tiny run."""
+    from fusion.data.prepare import prepare
 
-    tmp = tmp_path_factory.mktemp("tiny")
+    tmp = tmp_path_factory.mktemp("prepared")
     params = tiny_params(tmp)
     prepare(params.data)
-    train_local(params, 1)
-    train_local(params, 2)
+    return Path(params.data.out)
+
+
+def trained(tmp: Path, family: str, prepared_dir: Path, **train):
+    """Both phases of ``family`` trained locally with the tiny network; returns the params."""
+    from dataclasses import replace
+
+    from fusion.engine.runs import train_local
+
+    params = tiny_params(tmp, family, **train)
+    params = replace(params, train=replace(params.train, data=str(prepared_dir)))
+    for phase in range(1, len(params.family.phases) + 1):
+        train_local(params, phase)
     return params
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, prepared):
+    """Every family trained once per session with its tiny network: {family: params}."""
+    from fusion.models import list_families
+
+    return {family: trained(tmp_path_factory.mktemp(family), family, prepared)
+            for family in list_families()}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_runs):
+    """The default family's tiny run."""
+    return tiny_runs["dae-fuse"]
 
 
 def free_port() -> int:
@@ -139,19 +174,19 @@ def clone_repo(dest_parent: Path) -> Path:
 
 
 def tiny_pipeline(repo: Path, ray_address: str, **loss) -> dict:
-    """Shrink a cloned repo's params.yaml to a tiny model and a few steps on the session
-    cluster (one evaluation set); returns the params mapping written."""
+    """Shrink a cloned repo's params.yaml to tiny networks and a few steps on the session
+    cluster (one evaluation set); ``loss``: DAE-Fuse phase 2 weights. Returns the params
+    mapping written."""
     import yaml
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"].update(patch_size=48, stride=48)
-    params["model"].update(TINY_MODEL)
-    params["loss"].update(loss)
-    params["train"].update(phase1_steps=10, phase2_steps=10, batch_size=4, log_every=5,
-                           checkpoint_every=5)
+    for family, net in TINY_NETS.items():
+        params["model"][family]["net"].update(net)
+    params["model"]["dae-fuse"]["phase2"].update(loss)
+    params["train"].update(steps=[10, 10], batch_size=4, log_every=5, checkpoint_every=5)
     params["ray"].update(address=ray_address, cpus_per_worker=1.0)
     params["evaluate"]["sets"] = params["evaluate"]["sets"][:1]
-    params["search"].update(study="tiny", trials=3, phase1_steps=6, phase2_steps=10,
-                            eval_every=5)
+    params["search"].update(study="tiny", trials=3, steps=[6, 10], eval_every=5)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return params

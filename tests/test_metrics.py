@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from fusion import metrics
-from fusion.scoring import read_grey
+from fusion.evaluation import EIGHT, METRICS
+from fusion.evaluation import metrics
+from fusion.evaluation.scoring import read_grey
 from tests import reference_metrics as ref
 
 
@@ -73,7 +74,7 @@ def test_batched_equals_one_by_one():
     batch = metrics.compute(*stacked)
     for i, (f, a, b) in enumerate(triples):
         single = metrics.compute(torch.from_numpy(f), torch.from_numpy(a), torch.from_numpy(b))
-        for name in metrics.ALL:
+        for name in METRICS:
             assert batch[name][i].item() == pytest.approx(single[name].item(), rel=1e-12)
 
 
@@ -85,8 +86,8 @@ def test_half_a_percent_agreement_on_real_pairs(shared_data):
         a = read_grey(next((folder / ma).glob(f"{stem}.*")))
         b = read_grey(next((folder / mb).glob(f"{stem}.*")))
         for f in (np.round((a + b) / 2), np.maximum(a, b)):
-            ours = metrics.compute(*(torch.from_numpy(x) for x in (f, a, b)), names=metrics.EIGHT)
+            ours = metrics.compute(*(torch.from_numpy(x) for x in (f, a, b)), names=EIGHT)
             expected = ref.all_eight(f, a, b)
-            for name in metrics.EIGHT:
+            for name in EIGHT:
                 assert ours[name].item() == pytest.approx(expected[name], rel=5e-3), (
                     dataset, stem, name)

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from fusion.errors import FusionError
-from fusion.pairs import discover
+from fusion.data.pairs import discover, match_stems
 from tests.conftest import save, textured
 
 
@@ -54,8 +54,9 @@ def test_unpaired_and_unsupported_files_are_rejected_with_reasons(tmp_path):
     assert reasons["set/ir/lonely.png"] == "no partner in vi/"
     assert reasons["set/vi/orphan.png"] == "no partner in ir/"
     assert reasons["set/ir/notes.txt"] == "unsupported format '.txt'"
-    assert reasons["set/ir/dup.png"].startswith("ambiguous")
-    assert reasons["set/vi/dup.png"] == "no partner in ir/"
+    assert reasons["set/ir/dup.png"].startswith("ambiguous: several files with stem 'dup'")
+    assert reasons["set/ir/dup.jpg"].startswith("ambiguous")
+    assert reasons["set/vi/dup.png"] == "its partner in ir/ is ambiguous"
     assert not any(".DS_Store" in p for p in reasons)
 
 
@@ -68,3 +69,40 @@ def test_folder_without_layout_or_partner(tmp_path):
     assert rejects[0].path == "half/ir" and "no partner folder" in rejects[0].reason
     with pytest.raises(FusionError, match="raw data folder not found"):
         discover(tmp_path / "missing")
+
+
+def test_symlinks_leaving_the_raw_root_are_rejected_unless_allowed(tmp_path):
+    outside = tmp_path / "elsewhere"
+    save(outside / "x.png", textured(20, 24))
+    save(outside / "vi" / "y.png", textured(20, 24))
+    root = tmp_path / "raw"
+    _pair(root, "ir", "vi", "good")
+    (root / "ir" / "x.png").symlink_to(outside / "x.png")
+    save(root / "vi" / "x.png", textured(20, 24, seed=2))
+    (root / "inner").mkdir()
+    (root / "inner" / "ir").symlink_to(outside / "vi")  # a whole modality folder elsewhere
+    save(root / "inner" / "vi" / "y.png", textured(20, 24))
+    pairs, rejects = discover(root)
+    assert [p.id for p in pairs] == ["raw/good"]
+    reasons = {r.path: r.reason for r in rejects}
+    assert reasons["raw/ir/x.png"].startswith(f"symlink to {outside / 'x.png'} leaves the raw")
+    assert reasons["raw/inner/ir"].startswith("symlink to")
+    assert reasons["raw/vi/x.png"] == "no partner in ir/"
+    pairs, _ = discover(root, follow_symlinks=True)
+    assert [p.id for p in pairs] == ["raw/good", "raw/inner/y", "raw/x"]
+
+
+def test_match_stems_reports_every_file_it_cannot_pair(tmp_path):
+    save(tmp_path / "a" / "01.png", textured(8, 8))
+    save(tmp_path / "a" / "01.tif", textured(8, 8))
+    save(tmp_path / "b" / "01.png", textured(8, 8))
+    save(tmp_path / "a" / "02.png", textured(8, 8))
+    save(tmp_path / "b" / "02.jpg", textured(8, 8))
+    save(tmp_path / "b" / "03.png", textured(8, 8))
+    pairs, errors = match_stems(tmp_path / "a", tmp_path / "b")
+    assert [(s, a.name, b.name) for s, a, b in pairs] == [("02", "02.png", "02.jpg")]
+    assert sorted(e.split(str(tmp_path))[1] for e in errors) == [
+        "/a/01.png: ambiguous: several files with stem '01' (01.png, 01.tif)",
+        "/a/01.tif: ambiguous: several files with stem '01' (01.png, 01.tif)",
+        "/b/01.png: its partner in a/ is ambiguous",
+        "/b/03.png: no partner in a/"]

@@ -6,10 +6,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from fusion.data.prepare import patch_offsets, prepare
+from fusion.data.shards import iter_shard, shard_paths
 from fusion.errors import FusionError
 from fusion.params import DataParams
-from fusion.prepare import patch_offsets, prepare
-from fusion.shards import iter_shard, shard_paths
 from tests.conftest import REPO, save, textured
 
 SMALL = DataParams(raw=[], out="", patch_size=16, stride=16, min_patch_std=0.02, val_ratio=0.0)
@@ -43,7 +43,8 @@ def test_bad_inputs_are_reported_and_good_pairs_written(tmp_path):
     manifest = pq.read_table(out / "manifest.parquet").to_pylist()
     assert [r["id"] for r in manifest] == ["raw/deep", "raw/good1", "raw/good2"]
     rejects = {r["path"]: r["reason"] for r in pq.read_table(out / "rejects.parquet").to_pylist()}
-    assert rejects["raw/vi/mismatch.png"].startswith("size mismatch: mismatch.png is 48x40")
+    assert rejects["raw/vi/mismatch.png"] == ("size mismatch: ir/mismatch.png is 48x40, "
+                                              "vi/mismatch.png is 48x41")
     assert rejects["raw/vi/broken.png"].startswith("cannot decode image")
     assert rejects["raw/vi/empty.png"] == "empty file"
     assert rejects["raw/ir/flat.png"] == "constant image (every pixel is 77)"
@@ -157,3 +158,33 @@ def test_cli_prints_summary_and_clear_errors(tmp_path):
     assert "Traceback" not in run.stderr
     run = _cli("prepare", "--raw", str(root), "--exclude", str(tmp_path / "missing.txt"))
     assert run.returncode == 2 and "missing.txt: cannot read exclusion list" in run.stderr
+
+
+def test_pixel_limit_is_checked_from_the_header(tmp_path):
+    """A tiny 1-bit PNG that decodes to 13000x13000 is refused before decoding."""
+    from PIL import Image
+
+    root = tmp_path / "raw"
+    save(root / "ir" / "ok.png", textured(40, 48, 1))
+    save(root / "vi" / "ok.png", textured(40, 48, 2))
+    for side in ("ir", "vi"):
+        Image.new("1", (13000, 13000)).save(root / side / "bomb.png")
+    assert (root / "ir" / "bomb.png").stat().st_size < 100_000
+    result = prepare(SMALL, raw=[str(root)], out=str(tmp_path / "out"), exclude=[])
+    reasons = {r.path: r.reason for r in result.rejects}
+    assert reasons["raw/ir/bomb.png"] == ("13000x13000 is 169 MP, over the limit of 50 MP "
+                                          "(data.max_pixels)")
+    assert result.splits["train"] == 1
+
+
+def test_unwritable_output_is_exit_2_and_keeps_the_previous_dataset(tmp_path):
+    """An output that cannot be written (here its parent is a file: fails for root too)."""
+    root = _dataset(tmp_path / "raw")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    run = _cli("prepare", "--raw", str(root), "--out", str(blocker / "out"), "--exclude",
+               "--summary", str(tmp_path / "s.json"), "--set", "data.patch_size=16")
+    assert run.returncode == 2, run.stderr
+    assert "blocker: cannot write" in run.stderr and "Traceback" not in run.stderr
+    assert run.stderr.count("\n") == 1
+    assert blocker.read_text() == "a file where a folder should be"

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusion.scoring import read_grey, score_folders
+from fusion.evaluation.scoring import read_grey, score_folders
 from tests.conftest import REPO, save, textured
 
 
@@ -54,3 +54,15 @@ def test_cli_table_json_and_exit_code(tmp_path):
     assert data["mean"]["EN"] == pytest.approx(
         (data["images"]["p1.png"]["EN"] + data["images"]["p2.png"]["EN"]) / 2)
     assert len(data["errors"]) == 2
+
+
+def test_a_repeated_stem_is_reported_not_guessed(tmp_path):
+    f_dir, a_dir, b_dir = _sets(tmp_path)
+    save(a_dir / "p1.tif", textured(64, 80, 30))  # p1.jpg and p1.tif: which is source A?
+    save(f_dir / "p1.tif", textured(64, 80, 31))  # and two fused images for p1
+    report = score_folders(f_dir, a_dir, b_dir)
+    assert "p1.png" not in report.per_image and "p2.png" in report.per_image
+    joined = "\n".join(report.errors)
+    assert "ir/p1.jpg: ambiguous: several files with stem 'p1' (p1.jpg, p1.tif)" in joined
+    assert "vi/p1.jpg: its partner in ir/ is ambiguous" in joined
+    assert "fused/p1.png: ambiguous: several files with stem 'p1'" in joined

@@ -1,41 +1,85 @@
+"""The one training loop, for every family: each phase lowers its loss, exports round-trip,
+resumes are exact, and checkpoints that fail verification are skipped, never loaded."""
+
 import json
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from fusion import checkpoint
-from fusion.checkpoint import load_model, load_state, save_state
-from fusion.data import PatchStream
+from fusion.engine import checkpoint
+from fusion.engine.batches import PatchStream
+from fusion.engine.checkpoint import load_model, load_state, load_weights, save_state
+from fusion.engine.runs import checkpoints, run_name, train_local
+from fusion.engine.trainer import Trainer
 from fusion.errors import FusionError
-from fusion.inference import TileSpec, fuse_tensors
-from fusion.train import Trainer
+from fusion.inference.fuse import TileSpec, TorchEngine
+from fusion.models import get_family, list_families
 from tests.conftest import REPO, tiny_params
+
+FAMILIES = list_families()
 
 
 def _fixed_batch(params):
     return PatchStream(Path(params.train.data) / "patches", "train", 8, seed=123).batch(0)
 
 
-def test_short_run_lowers_both_phase_losses(tiny_run):
-    a, b = _fixed_batch(tiny_run)
-    before = Trainer(tiny_run, 1).evaluate(a, b)
-    after_1 = Trainer(tiny_run, 1, init=tiny_run.train.phase1_out).evaluate(a, b)
-    assert after_1["content"] < 0.8 * before["content"], (before, after_1)
-    start_2 = Trainer(tiny_run, 2, init=tiny_run.train.phase1_out).evaluate(a, b)
-    after_2 = Trainer(tiny_run, 2, init=tiny_run.train.phase2_out).evaluate(a, b)
-
-    def fusion_loss(m):
-        return m["text"] + m["int"]
-    assert fusion_loss(after_2) < 0.9 * fusion_loss(start_2), (start_2, after_2)
-    curve = (Path(tiny_run.train.curves) / "phase1_curve.csv").read_text().splitlines()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_phase_lowers_its_loss(tiny_runs, family):
+    """30 steps per phase (the session's tiny run): each phase's own objective on a fixed
+    batch, from the weights the phase started with to the weights it exported."""
+    params = tiny_runs[family]
+    a, b = _fixed_batch(params)
+    for phase in (1, 2):
+        start = load_weights(params.train.phase_out(phase - 1)) if phase > 1 else None
+        before = Trainer(params, phase, init=start).evaluate(a, b)["loss"]
+        after = Trainer(params, phase, init=load_weights(params.train.phase_out(phase))
+                        ).evaluate(a, b)["loss"]
+        assert after < 0.9 * before, (family, phase, before, after)
+    curve = (Path(params.train.curves) / "phase1_curve.csv").read_text().splitlines()
     assert curve[0].startswith("step,") and len(curve) == 1 + 30 // 5
 
 
-def test_resume_gives_the_same_weights(tiny_run, tmp_path):
-    params = tiny_run
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trained_weights_round_trip_through_the_export(tiny_runs, family):
+    """The final training state (the last checkpoint) and the exported model give the
+    same output, bit for bit; the export is safetensors + config.json, no pickle."""
+    params = tiny_runs[family]
+    folder = params.train.phase_out(2)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["config.json", "model.safetensors"]
+        + (["critic.safetensors"] if get_family(family).phases[1].adversarial else []))
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["format"], config["family"], config["phase"]) == ("fusion-model/2", family, 2)
+    final = checkpoints(Path(params.train.checkpoints) / run_name(params, 2))[-1]
+    state = load_state(final)
+    assert state["step"] == 30
+    trained = get_family(family).impl().build(params.config.net).eval()
+    trained.load_state_dict(state["model"])
+    a, b = torch.rand(1, 1, 40, 56), torch.rand(1, 1, 40, 56)
+    with torch.no_grad():
+        assert torch.equal(trained.fuse(a, b), load_model(folder).fuse(a, b))
+
+
+def test_a_broken_export_is_a_clear_error(tiny_run, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run.train.phase_out(2), broken)
+    (broken / "model.safetensors").write_bytes(b"\x80\x04not safetensors")
+    with pytest.raises(FusionError, match="cannot load weights"):
+        load_model(broken)
+    (broken / "config.json").write_text(json.dumps({"format": "fusion-model/2",
+                                                    "family": "nope", "net": {}}))
+    with pytest.raises(FusionError, match="unknown model family 'nope'"):
+        load_model(broken)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resume_gives_the_same_weights(tiny_runs, family, tmp_path):
+    params = tiny_runs[family]
     stream = PatchStream(Path(params.train.data) / "patches", "train", 4, seed=0)
     straight = Trainer(params, 1)
     straight.fit(stream.batch, until=8)
@@ -56,88 +100,75 @@ def test_resume_gives_the_same_weights(tiny_run, tmp_path):
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
-    save_state({"step": 1, "w": torch.ones(3)}, tmp_path / "ck")
+    save_state({"step": 1, "phase": 1, "w": torch.ones(3)}, tmp_path / "ck")
 
     def broken_save(obj, path):
         Path(path).write_bytes(b"partial")
         raise OSError("disk full")
     monkeypatch.setattr(checkpoint.torch, "save", broken_save)
-    with pytest.raises(OSError):
-        save_state({"step": 2, "w": torch.zeros(3)}, tmp_path / "ck")
+    with pytest.raises(FusionError, match="cannot write"):
+        save_state({"step": 2, "phase": 1, "w": torch.zeros(3)}, tmp_path / "ck")
     assert load_state(tmp_path / "ck")["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
 
 
-def test_export_is_safetensors_and_loads_without_pickle(tiny_run, tmp_path):
-    folder = Path(tiny_run.train.phase2_out)
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "config.json", "discriminators.safetensors", "model.safetensors"]
-    config = json.loads((folder / "config.json").read_text())
-    assert config["format"] == "dae-fuse/1" and config["phase"] == 2
-    assert config["model"]["channels"] == tiny_run.model.channels
-    model = load_model(folder)
-    a, b = torch.rand(1, 1, 40, 40), torch.rand(1, 1, 40, 40)
-    assert torch.equal(model.fuse(a, b), load_model(folder).fuse(a, b))
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text((folder / "config.json").read_text())
-    (broken / "model.safetensors").write_bytes(b"\x80\x04not safetensors")
-    with pytest.raises(FusionError, match="cannot load weights"):
-        load_model(broken)
+def test_a_corrupt_newest_checkpoint_is_skipped_and_training_resumes(tiny_run, tmp_path,
+                                                                      capsys):
+    """Truncate the newest local checkpoint: the rerun warns, naming it, resumes from the
+    one before, and ends where an uninterrupted run ends."""
+    params = replace(tiny_run, train=replace(tiny_run.train, out=str(tmp_path / "models"),
+                                             checkpoints=str(tmp_path / "ck"),
+                                             curves=str(tmp_path / "curves"),
+                                             steps=[20, 20], checkpoint_every=5))
+    train_local(params, 1)
+    folder = Path(params.train.checkpoints) / run_name(params, 1)
+    reference = load_weights(params.train.phase_out(1))[0]
+    older, newest = checkpoints(folder)[-2:]
+    state = newest / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    (params.train.phase_out(1) / "model.safetensors").unlink()
+    capsys.readouterr()
+    train_local(params, 1)
+    err = capsys.readouterr().err
+    assert f"warning: skipping checkpoint {newest}" in err
+    assert "state.pt has" in err  # the manifest's size check caught the truncation
+    assert f"resuming {run_name(params, 1)} from step 15" in err
+    again = load_weights(params.train.phase_out(1))[0]
+    assert all(torch.equal(reference[k], again[k]) for k in reference)
+    # no good checkpoint left: exit 2 with what to do, unless --fresh
+    for ck in checkpoints(folder):
+        (ck / "manifest.json").unlink()
+    with pytest.raises(FusionError, match="rerun with --fresh to start this run over"):
+        train_local(params, 1)
+    train_local(params, 1, fresh=True)
+    assert load_state(checkpoints(folder)[-1])["step"] == 20
 
 
-def test_tiled_fusion_equals_whole_image(tiny_run, shared_data):
+@pytest.mark.parametrize("family", ["dae-fuse", "cddfuse"])
+def test_tiled_fusion_equals_whole_image_on_a_real_pair(tiny_runs, family, shared_data):
     """A trained model on a real TNO pair (768x576) in 512-pixel tiles: the global attention
     statistics are gathered over all tiles first, so the tiles reproduce the whole image."""
-    from fusion.scoring import read_grey
-    model = load_model(tiny_run.train.phase2_out)
-    ta, tb = (torch.from_numpy(read_grey(shared_data / "tno" / m / "01.png")).float()[None, None]
-              / 255 for m in ("ir", "vi"))
-    whole = fuse_tensors(model, ta, tb, TileSpec(size=4096))
-    tiled = fuse_tensors(model, ta, tb, TileSpec(size=512, halo=64))
-    assert (whole - tiled).abs().mean().item() < 1 / 255 / 100
-    assert (whole - tiled).abs().max().item() < 1e-4
+    from fusion.evaluation.scoring import read_grey
+
+    model = load_model(tiny_runs[family].train.phase_out(2))
+    a, b = (read_grey(shared_data / "tno" / m / "01.png") / 255 for m in ("ir", "vi"))
+    whole = TorchEngine(model, get_family(family), TileSpec(size=4096))(a, b)
+    tiled = TorchEngine(model, get_family(family), TileSpec(size=512, halo=64))(a, b)
+    assert abs(whole - tiled).mean() < 1 / 255 / 100
+    assert abs(whole - tiled).max() < 1e-4
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "fusion.cli", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-
-
-def test_cli_train_phase2_without_phase1_is_a_clear_error(tmp_path):
-    run = _cli("train", "--phase", "2", "--set", f"train.phase1_out={tmp_path}/none",
-               "--set", f"train.data={tmp_path}")
+def test_cli_train_without_the_previous_phase_is_a_clear_error(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "fusion.cli", "train", "--phase", "2",
+                          "--set", f"train.out={tmp_path}/none",
+                          "--set", f"train.data={tmp_path}"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
     assert run.returncode == 2
-    assert "no phase I model (run `fusion train --phase 1` first)" in run.stderr
+    assert "no phase 1 model (run `fusion train --phase 1` first)" in run.stderr
 
 
-def test_cli_fuse_folder_mode_reports_bad_pairs_and_continues(tiny_run, tmp_path):
-    from tests.conftest import save, textured
-    a_dir, b_dir = tmp_path / "ir", tmp_path / "vi"
-    save(a_dir / "ok.png", textured(40, 50, 1))
-    save(b_dir / "ok.jpg", textured(40, 50, 2, rgb=True))
-    save(a_dir / "mismatch.png", textured(40, 50, 3))
-    save(b_dir / "mismatch.png", textured(41, 50, 4))
-    save(a_dir / "alone.png", textured(40, 50, 5))
-    (a_dir / "broken.png").write_bytes(b"junk")
-    save(b_dir / "broken.png", textured(40, 50, 6))
-    run = _cli("fuse", "--model", tiny_run.train.phase2_out, "--a", str(a_dir), "--b",
-               str(b_dir), "-o", str(tmp_path / "out"))
-    assert run.returncode == 1
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ok.png"]
-    assert "mismatch.png: size mismatch" in run.stderr
-    assert "alone.png: no partner" in run.stderr
-    assert "broken.png: cannot decode image" in run.stderr
-    single = _cli("fuse", "--model", tiny_run.train.phase2_out, "--a", str(a_dir / "ok.png"),
-                  "--b", str(b_dir / "ok.jpg"), "-o", str(tmp_path / "one.png"))
-    assert single.returncode == 0, single.stderr
-    bad = _cli("fuse", "--model", tiny_run.train.phase2_out, "--a", str(a_dir / "mismatch.png"),
-               "--b", str(b_dir / "mismatch.png"), "-o", str(tmp_path / "two.png"))
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr
-
-
-def test_rerun_resumes_its_own_run_only(tiny_run, tmp_path):
-    from fusion.runs import checkpoints, run_name
+def test_rerun_resumes_its_own_run_only(tiny_run):
     assert checkpoints(Path(tiny_run.train.checkpoints) / run_name(tiny_run, 1))
     other = tiny_params(Path(tiny_run.train.data).parent, lr=1e-4)
     assert run_name(other, 1) != run_name(tiny_run, 1)
+    assert run_name(tiny_run, 1) == run_name(tiny_run, 1)

@@ -1,22 +1,39 @@
-"""Reading source images into arrays, and colour handling shared by prepare, fuse and score.
+"""Reading and writing images, and the colour handling shared by prepare, fuse and score.
 
 Images keep their bit depth (8 or 16 bit) as ``uint8``/``uint16`` arrays; RGB sources are
-reduced to luma Y (YCbCr, via kornia) where a single channel is needed.
+reduced to luma Y (BT.601 YCbCr) where a single channel is needed. Every read checks the
+header first: an image over ``max_pixels`` is refused before a byte of it is decoded.
+This module imports no torch, so input checks answer fast.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import kornia.color
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from fusion.errors import BadInputError, FusionError
 
 SUPPORTED_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+DEFAULT_MAX_PIXELS = 50_000_000  # data.max_pixels: about 8660x5770
+# what each output format can hold: (bit depths, colour)
+OUTPUT_FORMATS = {".png": (8, 16), ".tif": (8, 16), ".tiff": (8, 16), ".jpg": (8,),
+                  ".jpeg": (8,), ".bmp": (8,)}
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header says, before decoding."""
+
+    path: Path
+    width: int
+    height: int
+    channels: int  # 1 grey, 3 colour
+    bits: int  # 8 or 16
 
 
 @dataclass(frozen=True)
@@ -41,6 +58,24 @@ class SourceImage:
     def width(self) -> int:
         return self.pixels.shape[1]
 
+    @property
+    def is_colour(self) -> bool:
+        """Truly RGB: its channels differ (an RGB file of grey content is grey)."""
+        p = self.pixels
+        return self.channels == 3 and not (np.array_equal(p[..., 0], p[..., 1])
+                                           and np.array_equal(p[..., 1], p[..., 2]))
+
+
+def _mode_info(mode: str) -> tuple[int, int]:
+    """(channels, bits) that ``_pixels`` makes of a Pillow mode."""
+    if mode.startswith("I;16") or mode == "I":
+        return 1, 16
+    if mode in ("1", "L", "LA"):
+        return 1, 8
+    if mode in ("RGB", "P", "PA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
+        return 3, 8
+    raise FusionError(f"unsupported pixel format {mode!r}")
+
 
 def _pixels(im: Image.Image) -> np.ndarray:
     mode = im.mode
@@ -55,61 +90,145 @@ def _pixels(im: Image.Image) -> np.ndarray:
         return arr.astype(np.uint16)
     if mode in ("1", "LA"):
         return np.asarray(im.convert("L"))
-    if mode in ("P", "PA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
-        return np.asarray(im.convert("RGB"))
-    raise FusionError(f"unsupported pixel format {mode!r}")
+    _mode_info(mode)
+    return np.asarray(im.convert("RGB"))
 
 
-def read_image(path: str | Path) -> SourceImage:
-    """Decode ``path`` fully, or raise :class:`FusionError` naming the file and the reason."""
-    path = Path(path)
+def _open(path: Path) -> Image.Image:
     if path.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise BadInputError(path, f"unsupported format {path.suffix or '(no suffix)'!r}")
     try:
         if path.stat().st_size == 0:
             raise BadInputError(path, "empty file")
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # our own limit (data.max_pixels) is checked next
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except BadInputError:
+        raise
+    except FileNotFoundError as exc:
+        raise BadInputError(path, "file not found") from exc
+    except IsADirectoryError as exc:
+        raise BadInputError(path, "is a folder, not an image") from exc
+    except (OSError, ValueError, SyntaxError, UnidentifiedImageError,
+            Image.DecompressionBombError) as exc:
+        raise BadInputError(path, f"cannot decode image ({exc})") from exc
+
+
+def _check_size(path: Path, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise BadInputError(path, f"{width}x{height} is {width * height / 1e6:.0f} MP, over the "
+                                  f"limit of {max_pixels / 1e6:.0f} MP (data.max_pixels)")
+
+
+def probe_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Size, channels and bit depth from the header alone (nothing is decoded)."""
+    path = Path(path)
+    with _open(path) as im:
+        try:
+            channels, bits = _mode_info(im.mode)
+        except FusionError as exc:
+            raise BadInputError(path, str(exc)) from exc
+        _check_size(path, im.width, im.height, max_pixels)
+        return ImageInfo(path, im.width, im.height, channels, bits)
+
+
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> SourceImage:
+    """Decode ``path`` fully, or raise :class:`BadInputError` naming the file and the reason."""
+    path = Path(path)
+    im = _open(path)
+    try:
+        with im:
+            _check_size(path, im.width, im.height, max_pixels)
             im.load()
             pixels = _pixels(im)
     except BadInputError:
         raise
     except FusionError as exc:
         raise BadInputError(path, str(exc)) from exc
-    except FileNotFoundError as exc:
-        raise BadInputError(path, "file not found") from exc
-    except (OSError, ValueError, SyntaxError, UnidentifiedImageError,
-            Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise BadInputError(path, f"cannot decode image ({exc})") from exc
     if pixels.size == 0:
         raise BadInputError(path, "image has no pixels")
     return SourceImage(np.ascontiguousarray(pixels))
 
 
+def size_mismatch(a_file: Path, a_size: tuple[int, int], b_file: Path,
+                  b_size: tuple[int, int]) -> BadInputError:
+    """The error for two sources of different sizes, naming both sides (on B's file)."""
+    def side(path: Path, size: tuple[int, int]) -> str:
+        return f"{path.parent.name}/{path.name} is {size[0]}x{size[1]}"
+    return BadInputError(b_file, f"size mismatch: {side(a_file, a_size)}, "
+                                 f"{side(b_file, b_size)}")
+
+
 def max_value(bits: int) -> float:
     return 65535.0 if bits == 16 else 255.0
 
 
-def to_float(pixels: np.ndarray) -> torch.Tensor:
-    """``uint8``/``uint16`` array -> float32 tensor in [0, 1], channels first (C, H, W)."""
-    scale = max_value(16 if pixels.dtype == np.uint16 else 8)
-    t = torch.from_numpy(pixels.astype(np.float32) / scale)
-    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+def to_unit(pixels: np.ndarray) -> np.ndarray:
+    """``uint8``/``uint16`` pixels -> float32 in [0, 1]."""
+    return pixels.astype(np.float32) / np.float32(max_value(16 if pixels.dtype == np.uint16
+                                                            else 8))
 
 
-def rgb_to_ycbcr(rgb: torch.Tensor) -> torch.Tensor:
-    """(..., 3, H, W) RGB in [0, 1] -> YCbCr (kornia's BT.601 full-range conversion)."""
-    return kornia.color.rgb_to_ycbcr(rgb)
+def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
+    """(..., H, W, 3) RGB in [0, 1] -> YCbCr, BT.601 full range (chroma centred on 0.5)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    return np.stack([y, (b - y) * 0.564 + 0.5, (r - y) * 0.713 + 0.5], -1)
 
 
-def ycbcr_to_rgb(ycbcr: torch.Tensor) -> torch.Tensor:
-    return kornia.color.ycbcr_to_rgb(ycbcr).clamp(0.0, 1.0)
+def ycbcr_to_rgb(ycbcr: np.ndarray) -> np.ndarray:
+    y, cb, cr = ycbcr[..., 0], ycbcr[..., 1] - 0.5, ycbcr[..., 2] - 0.5
+    rgb = np.stack([y + 1.403 * cr, y - 0.714 * cr - 0.344 * cb, y + 1.773 * cb], -1)
+    return np.clip(rgb, 0.0, 1.0)
 
 
 def luma(image: SourceImage) -> np.ndarray:
     """Single-channel pixels at the image's own bit depth: grey as is, RGB -> Y."""
     if image.channels == 1:
         return image.pixels
-    y = rgb_to_ycbcr(to_float(image.pixels))[0]
     scale = max_value(image.bits)
-    out = torch.round(y * scale).clamp(0, scale).numpy()
-    return out.astype(np.uint16 if image.bits == 16 else np.uint8)
+    y = rgb_to_ycbcr(to_unit(image.pixels))[..., 0]
+    return np.clip(np.round(y * scale), 0, scale).astype(image.pixels.dtype)
+
+
+def output_format(path: str | Path, bits: int, colour: bool) -> str:
+    """Check, before any work, that ``path``'s format can hold the result; returns the
+    suffix. 16-bit results need PNG or TIFF (colour too: 16-bit RGB PNG/TIFF)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise BadInputError(path, f"unsupported output format {suffix or '(no suffix)'!r}; "
+                                  f"use one of {', '.join(sorted(OUTPUT_FORMATS))}")
+    if bits not in OUTPUT_FORMATS[suffix]:
+        kind = "colour" if colour else "grey"
+        raise BadInputError(path, f"the result is 16-bit {kind}, which {suffix} cannot hold; "
+                                  "write .png or .tif")
+    return suffix
+
+
+def write_image(pixels: np.ndarray, path: str | Path) -> Path:
+    """Write grey or RGB, 8 or 16 bit, in the format the suffix names (atomically).
+
+    Pillow writes everything but 16-bit colour, which OpenCV writes (PNG or TIFF)."""
+    path = Path(path)
+    colour = pixels.ndim == 3
+    suffix = output_format(path, 16 if pixels.dtype == np.uint16 else 8, colour)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if colour and pixels.dtype == np.uint16:
+            import cv2
+
+            if not cv2.imwrite(str(tmp), np.ascontiguousarray(pixels[..., ::-1])):
+                raise OSError(f"OpenCV could not write {suffix}")
+        else:
+            Image.fromarray(pixels).save(tmp, quality=95) if suffix in (".jpg", ".jpeg") \
+                else Image.fromarray(pixels).save(tmp)
+        tmp.replace(path)
+    except OSError as exc:
+        raise BadInputError(path, f"cannot write ({exc.strerror or exc})") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

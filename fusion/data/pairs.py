@@ -1,19 +1,25 @@
-"""Finding registered image pairs in the folder layouts people actually have.
+"""Finding registered image pairs: matching files by stem, in the folder layouts people have.
+
+One rule everywhere (prepare, fuse, score, evaluate): files pair up by stem across two
+modality folders (``a.jpg`` with ``a.PNG``); a stem held by two files of one folder is
+ambiguous and never guessed, and a file without a partner is reported, never dropped
+silently.
 
 A *pair folder* is any folder under a raw root that holds one source-A modality folder
 (``ir``/``infrared``, ``mri``) and a matching source-B folder (``vi``/``vis``/``visible``,
-``ct``/``pet``/``spect``), names in any case. Files are matched by stem across the two.
+``ct``/``pet``/``spect``), names in any case. A symlink that points outside its raw root is
+rejected unless ``data.follow_symlinks`` is set.
 """
 
 from __future__ import annotations
 
 import os
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from fusion.errors import FusionError
-from fusion.imaging import SUPPORTED_SUFFIXES
+from fusion.data.images import SUPPORTED_SUFFIXES
+from fusion.errors import BadInputError, FusionError
 
 A_FOLDERS = {"ir": "ir", "infrared": "ir", "mri": "mri"}
 B_FOLDERS = {"vi": "vi", "vis": "vi", "visible": "vi", "ct": "ct", "pet": "pet", "spect": "spect"}
@@ -41,32 +47,98 @@ class Reject:
     pair_id: str = ""
 
 
-def _files_by_stem(folder: Path, root: Path, rejects: list[Reject]) -> dict[str, Path]:
-    """Supported image files of ``folder`` by stem; everything else becomes a reject."""
+@dataclass
+class Stems:
+    """A folder's image files by stem: the unique ones, and those sharing a stem."""
+
+    folder: Path
+    unique: dict[str, Path] = field(default_factory=dict)
+    ambiguous: dict[str, list[Path]] = field(default_factory=dict)
+    unsupported: list[Path] = field(default_factory=list)
+    escaping: list[Path] = field(default_factory=list)  # symlinks leaving the raw root
+
+    def reason(self, stem: str) -> str:
+        names = ", ".join(f.name for f in self.ambiguous[stem])
+        return f"ambiguous: several files with stem {stem!r} ({names})"
+
+
+def files_by_stem(folder: str | Path, root: Path | None = None,
+                  follow_symlinks: bool = True) -> Stems:
+    """Image files of ``folder`` by stem (hidden files and sub-folders skipped). With
+    ``root`` given and ``follow_symlinks`` off, links resolving outside ``root`` are kept
+    apart in ``escaping``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BadInputError(folder, "folder not found")
+    stems = Stems(folder)
     by_stem: dict[str, list[Path]] = defaultdict(list)
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith(".") or entry.is_dir():
             continue
-        rel = entry.relative_to(root.parent)
+        if root is not None and not follow_symlinks and _escapes(entry, root):
+            stems.escaping.append(entry)
+            continue
         if entry.suffix.lower() not in SUPPORTED_SUFFIXES:
-            rejects.append(Reject(str(rel), f"unsupported format {entry.suffix or '(none)'!r}"))
+            stems.unsupported.append(entry)
             continue
         by_stem[entry.stem].append(entry)
-    unique = {}
     for stem, files in by_stem.items():
         if len(files) > 1:
-            names = ", ".join(f.name for f in files)
-            for f in files:
-                rejects.append(Reject(str(f.relative_to(root.parent)),
-                                      f"ambiguous: several files with stem {stem!r} ({names})"))
+            stems.ambiguous[stem] = files
         else:
-            unique[stem] = files[0]
-    return unique
+            stems.unique[stem] = files[0]
+    return stems
 
 
-def _modality_folders(folder: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+def pair_stems(a: Stems, b: Stems
+               ) -> tuple[list[tuple[str, Path, Path]], list[tuple[str, Path, str]]]:
+    """(stem, A file, B file) for stems unique on both sides, and (stem, file, reason) for
+    every file that shares its stem, has an ambiguous partner or has none."""
+    pairs, problems = [], []
+    for stem in sorted(set(a.unique) | set(b.unique) | set(a.ambiguous) | set(b.ambiguous)):
+        for side, other in ((a, b), (b, a)):
+            if stem in side.ambiguous:
+                problems += [(stem, f, side.reason(stem)) for f in side.ambiguous[stem]]
+            elif stem in side.unique and stem in other.ambiguous:
+                problems.append((stem, side.unique[stem],
+                                 f"its partner in {other.folder.name}/ is ambiguous"))
+            elif stem in side.unique and stem not in other.unique:
+                problems.append((stem, side.unique[stem], f"no partner in {other.folder.name}/"))
+        if stem in a.unique and stem in b.unique:
+            pairs.append((stem, a.unique[stem], b.unique[stem]))
+    return pairs, problems
+
+
+def match_stems(a_dir: str | Path, b_dir: str | Path
+                ) -> tuple[list[tuple[str, Path, Path]], list[str]]:
+    """Folder mode of ``fuse`` and ``score``: the pairs, and one error line per file that
+    cannot be paired."""
+    pairs, problems = pair_stems(files_by_stem(a_dir), files_by_stem(b_dir))
+    return pairs, [f"{path}: {reason}" for _, path, reason in problems]
+
+
+def read_names(paths: list[str]) -> set[str]:
+    """Names listed in files (one per line, ``#`` comments): pair ids, file names or stems;
+    each name is also taken by its stem. (Exclusion lists, test splits.)"""
+    names: set[str] = set()
+    for path in paths:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as exc:
+            raise FusionError(f"{path}: cannot read exclusion list ({exc.strerror})") from exc
+        for line in lines:
+            line = line.split("#", 1)[0].strip()
+            if line:
+                names.update({line, Path(line).stem})
+    return names
+
+
+def _modality_folders(folder: Path, root: Path, follow_symlinks: bool
+                      ) -> tuple[dict[str, Path], dict[str, Path]]:
     a, b = {}, {}
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if not follow_symlinks and _escapes(sub, root):
+            continue  # reported by discover
         key = sub.name.lower()
         if key in A_FOLDERS:
             a[A_FOLDERS[key]] = sub
@@ -75,18 +147,22 @@ def _modality_folders(folder: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     return a, b
 
 
-def discover(root: str | Path) -> tuple[list[Pair], list[Reject]]:
+def discover(root: str | Path, follow_symlinks: bool = False
+             ) -> tuple[list[Pair], list[Reject]]:
     """All pairs under ``root`` (sorted by id) and the files that could not be paired."""
     if not Path(root).is_dir():
         raise FusionError(f"{root}: raw data folder not found")
-    root = Path(root).resolve()
+    root = Path(os.path.abspath(root))
     pairs: list[Pair] = []
     rejects: list[Reject] = []
     found_any = False
-    for dirpath, dirnames, _ in os.walk(root):
+    for dirpath, dirnames, _ in os.walk(root, followlinks=follow_symlinks):
         folder = Path(dirpath)
         dirnames.sort()
-        a_dirs, b_dirs = _modality_folders(folder)
+        for name in [d for d in dirnames if not follow_symlinks and _escapes(folder / d, root)]:
+            rejects.append(Reject(_rel(folder / name, root), _escape_reason(folder / name)))
+            dirnames.remove(name)
+        a_dirs, b_dirs = _modality_folders(folder, root, follow_symlinks)
         modality_dirs = {p.name for p in [*a_dirs.values(), *b_dirs.values()]}
         dirnames[:] = [d for d in dirnames if d not in modality_dirs]
         if not a_dirs and not b_dirs:
@@ -96,18 +172,17 @@ def discover(root: str | Path) -> tuple[list[Pair], list[Reject]]:
         for a_mod, a_dir in a_dirs.items():
             partners = [m for m in PARTNERS[a_mod] if m in b_dirs]
             if not partners:
-                rejects.append(Reject(str(a_dir.relative_to(root.parent)),
-                                      f"modality folder has no partner folder "
-                                      f"({'/'.join(PARTNERS[a_mod])})"))
+                rejects.append(Reject(_rel(a_dir, root), f"modality folder has no partner "
+                                      f"folder ({'/'.join(PARTNERS[a_mod])})"))
                 continue
             for b_mod in partners:
                 matched_b.add(b_mod)
                 suffix = f"@{b_mod}" if len(partners) > 1 else ""
-                pairs += _match(root, folder, a_dir, b_dirs[b_mod], a_mod, b_mod, suffix, rejects)
+                pairs += _match(root, folder, a_dir, b_dirs[b_mod], (a_mod, b_mod), suffix,
+                                rejects, follow_symlinks)
         for b_mod, b_dir in b_dirs.items():
             if b_mod not in matched_b:
-                rejects.append(Reject(str(b_dir.relative_to(root.parent)),
-                                      "modality folder has no partner folder"))
+                rejects.append(Reject(_rel(b_dir, root), "modality folder has no partner folder"))
     if not found_any:
         rejects.append(Reject(root.name, "no modality folders found (expected ir/+vi/, "
                                          "infrared/+visible/ or mri/+ct|pet|spect/)"))
@@ -115,21 +190,29 @@ def discover(root: str | Path) -> tuple[list[Pair], list[Reject]]:
     return pairs, rejects
 
 
-def _match(root: Path, folder: Path, a_dir: Path, b_dir: Path, a_mod: str, b_mod: str,
-           suffix: str, rejects: list[Reject]) -> list[Pair]:
-    a_files = _files_by_stem(a_dir, root, rejects)
-    b_files = _files_by_stem(b_dir, root, rejects)
+def _escapes(path: Path, root: Path) -> bool:
+    return path.is_symlink() and not path.resolve().is_relative_to(root.resolve())
+
+
+def _escape_reason(link: Path) -> str:
+    return f"symlink to {link.resolve()} leaves the raw root (data.follow_symlinks allows it)"
+
+
+def _rel(path: Path, root: Path) -> str:
+    """A path as reports show it: from the raw root's name on."""
+    return str(path.relative_to(root.parent))
+
+
+def _match(root: Path, folder: Path, a_dir: Path, b_dir: Path, modalities: tuple[str, str],
+           suffix: str, rejects: list[Reject], follow_symlinks: bool) -> list[Pair]:
+    a, b = (files_by_stem(d, root, follow_symlinks) for d in (a_dir, b_dir))
+    for side in (a, b):
+        rejects += [Reject(_rel(f, root), f"unsupported format {f.suffix or '(none)'!r}")
+                    for f in side.unsupported]
+        rejects += [Reject(_rel(link, root), _escape_reason(link)) for link in side.escaping]
     prefix = "/".join([root.name, *folder.relative_to(root).parts])
-    pairs = []
-    for stem in sorted(set(a_files) | set(b_files)):
-        pair_id = f"{prefix}/{stem}{suffix}"
-        if stem not in b_files:
-            rejects.append(Reject(str(a_files[stem].relative_to(root.parent)),
-                                  f"no partner in {b_dir.name}/", pair_id))
-        elif stem not in a_files:
-            rejects.append(Reject(str(b_files[stem].relative_to(root.parent)),
-                                  f"no partner in {a_dir.name}/", pair_id))
-        else:
-            pairs.append(Pair(pair_id, root, a_files[stem].relative_to(root),
-                              b_files[stem].relative_to(root), a_mod, b_mod))
-    return pairs
+    found, problems = pair_stems(a, b)
+    rejects += [Reject(_rel(path, root), reason, f"{prefix}/{stem}{suffix}")
+                for stem, path, reason in problems]
+    return [Pair(f"{prefix}/{stem}{suffix}", root, pa.relative_to(root), pb.relative_to(root),
+                 *modalities) for stem, pa, pb in found]

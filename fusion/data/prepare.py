@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from fusion.atomic import fresh_tmp, replace_dir
+from fusion.data.images import luma, max_value, read_image, size_mismatch
+from fusion.data.pairs import Pair, Reject, discover, read_names
+from fusion.data.shards import ShardWriter, write_table
 from fusion.errors import BadInputError, FusionError
-from fusion.imaging import luma, max_value, read_image
-from fusion.pairs import Pair, Reject, discover
+from fusion.files import fresh_tmp, replace_dir, sha256_file, writable, write_text
 from fusion.params import DataParams
-from fusion.shards import ShardWriter, write_table
+from fusion.progress import progress
 
 MANIFEST_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -70,33 +71,10 @@ class PrepareResult:
                 f"{len(self.rejects)} rejected -> {self.out / 'rejects.parquet'}")
 
 
-def read_exclusions(paths: list[str]) -> set[str]:
-    """Names listed in exclusion files (one per line, ``#`` comments): ids, file names or stems."""
-    names: set[str] = set()
-    for path in paths:
-        try:
-            lines = Path(path).read_text().splitlines()
-        except OSError as exc:
-            raise FusionError(f"{path}: cannot read exclusion list ({exc.strerror})") from exc
-        for line in lines:
-            line = line.split("#", 1)[0].strip()
-            if line:
-                names.update({line, Path(line).stem})
-    return names
-
-
 def split_of(pair_id: str, val_ratio: float) -> str:
     """Deterministic train/val assignment from a hash of the pair id."""
     bucket = int.from_bytes(hashlib.sha256(pair_id.encode()).digest()[:8], "big") / 2**64
     return "val" if bucket < val_ratio else "train"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def patch_offsets(length: int, size: int, stride: int) -> list[int]:
@@ -132,13 +110,13 @@ def _check_params(params: DataParams) -> None:
         raise FusionError("data.shard_max_mb must be positive")
 
 
-def _load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray, dict]:
+def _load_pair(pair: Pair, max_pixels: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """Decode and validate one pair; raises BadInputError naming the offending file."""
     a_file, b_file = pair.root / pair.a, pair.root / pair.b
-    a_img, b_img = read_image(a_file), read_image(b_file)
+    a_img, b_img = read_image(a_file, max_pixels), read_image(b_file, max_pixels)
     if (a_img.height, a_img.width) != (b_img.height, b_img.width):
-        raise BadInputError(b_file, f"size mismatch: {a_file.name} is {a_img.width}x"
-                            f"{a_img.height}, {b_file.name} is {b_img.width}x{b_img.height}")
+        raise size_mismatch(a_file, (a_img.width, a_img.height), b_file,
+                            (b_img.width, b_img.height))
     a, b = luma(a_img), luma(b_img)
     for arr, path in ((a, a_file), (b, b_file)):
         if arr.min() == arr.max():
@@ -154,14 +132,14 @@ def prepare(params: DataParams, raw: list[str] | None = None, out: str | None = 
     _check_params(params)
     raw = list(raw or params.raw)
     out_dir = Path(out or params.out)
-    excluded = read_exclusions(list(exclude if exclude is not None else params.exclude))
+    excluded = read_names(list(exclude if exclude is not None else params.exclude))
     if not raw:
         raise FusionError("no raw data folder given (data.raw or --raw)")
 
     pairs: list[Pair] = []
     result = PrepareResult(out_dir)
     for root in raw:
-        found, rejected = discover(root)
+        found, rejected = discover(root, params.follow_symlinks)
         pairs += found
         result.rejects += rejected
     pairs.sort(key=lambda p: p.id)
@@ -174,36 +152,38 @@ def prepare(params: DataParams, raw: list[str] | None = None, out: str | None = 
                for s in TRAINING_SPLITS}
     rows: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
     try:
-        for pair in pairs:
-            if pair.id in seen:
-                result.rejects.append(Reject(str(pair.root.name / pair.a),
-                                             "duplicate pair id (two raw roots with one name?)",
-                                             pair.id))
-                continue
-            seen.add(pair.id)
-            try:
-                a, b, info = _load_pair(pair)
-            except BadInputError as exc:
-                rel = exc.path.relative_to(pair.root.parent)
-                result.rejects.append(Reject(str(rel), exc.reason, pair.id))
-                continue
-            stem = pair.id.rsplit("/", 1)[-1].split("@")[0]
-            split = "test" if {pair.id, stem} & excluded else split_of(pair.id, params.val_ratio)
-            n = cut_patches(pair.id, a, b, params, writers[split]) if split != "test" else 0
-            record = {"id": pair.id, "a_path": str(pair.root.name / pair.a),
-                      "b_path": str(pair.root.name / pair.b),
-                      "a_sha256": sha256_file(pair.root / pair.a),
-                      "b_sha256": sha256_file(pair.root / pair.b),
-                      **info, "a_modality": pair.a_modality, "b_modality": pair.b_modality,
-                      "split": split, "patches": n}
-            for key, value in record.items():
-                rows[key].append(value)
-            result.splits[split] += 1
-            result.patches[split] += n
-        for writer in writers.values():
-            writer.flush()
-            result.shards += len(writer.paths)
-        _finish(result, rows, tmp, params)
+        with writable(out_dir):
+            for pair in progress(pairs, "prepare", unit="pair"):
+                if pair.id in seen:
+                    result.rejects.append(Reject(str(pair.root.name / pair.a),
+                                                 "duplicate pair id (two raw roots with one name?)",
+                                                 pair.id))
+                    continue
+                seen.add(pair.id)
+                try:
+                    a, b, info = _load_pair(pair, params.max_pixels)
+                except BadInputError as exc:
+                    rel = exc.path.relative_to(pair.root.parent)
+                    result.rejects.append(Reject(str(rel), exc.reason, pair.id))
+                    continue
+                stem = pair.id.rsplit("/", 1)[-1].split("@")[0]
+                split = ("test" if {pair.id, stem} & excluded
+                         else split_of(pair.id, params.val_ratio))
+                n = cut_patches(pair.id, a, b, params, writers[split]) if split != "test" else 0
+                record = {"id": pair.id, "a_path": str(pair.root.name / pair.a),
+                          "b_path": str(pair.root.name / pair.b),
+                          "a_sha256": sha256_file(pair.root / pair.a),
+                          "b_sha256": sha256_file(pair.root / pair.b),
+                          **info, "a_modality": pair.a_modality, "b_modality": pair.b_modality,
+                          "split": split, "patches": n}
+                for key, value in record.items():
+                    rows[key].append(value)
+                result.splits[split] += 1
+                result.patches[split] += n
+            for writer in writers.values():
+                writer.flush()
+                result.shards += len(writer.paths)
+            _finish(result, rows, tmp, params)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -228,6 +208,4 @@ def _finish(result: PrepareResult, rows: dict, tmp: Path, params: DataParams) ->
 
 
 def write_summary(result: PrepareResult, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result.summary(), indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps(result.summary(), indent=2, sort_keys=True) + "\n")

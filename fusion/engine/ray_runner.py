@@ -1,43 +1,40 @@
-"""Both training phases on Ray Train: the single-process loop, run by every DDP worker.
+"""Training phases on Ray Train: the single-process loop, run by every DDP worker.
 
-The driver connects to a cluster (``ray.address``, ``$RAY_ADDRESS`` or a local instance),
-starts a ``TorchTrainer`` named after the stage and a hash of its configuration, and turns
-the final checkpoint into the stage's exported model. Checkpoints go to
-``ray.storage_path`` (a folder or ``s3://bucket/prefix``); rerunning the same configuration
-resumes from the last one (Ray Train restores a run by name), and workers that die are
-restarted from it up to ``ray.max_failures`` times.
+The driver joins a cluster (``fusion.engine.cluster``), starts a ``TorchTrainer`` for the
+run (named after the stage and a hash of its configuration) and turns the final checkpoint
+into the stage's exported model. Checkpoints live in ``ray.storage_path`` (a folder or
+``s3://bucket/prefix``) under ``<run>/attempt-NNN/step-NNNNNNN/``: each invocation of the
+driver is a new Ray run (attempt), and every worker resumes from the newest checkpoint of
+any attempt that verifies (its manifest matches), so a corrupt or missing checkpoint is
+skipped with a warning rather than wedging the run, and Ray's own run snapshot is never
+needed. Workers that die are restarted from there up to ``ray.max_failures`` times.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 import tempfile
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-# Under `uv run`, Ray would start workers with `uv run` in a copy of the working directory
-# (a fresh environment per node, and no gitignored data). Workers use the installed
-# environment instead; read when Ray is first imported.
-os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-
-import pyarrow.fs as pafs  # noqa: E402
-import ray  # noqa: E402
-import ray.train  # noqa: E402
-import ray.train.torch  # noqa: E402
-import torch  # noqa: E402
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
-
-from fusion.checkpoint import STATE_FILE, load_state, load_weights, save_state
-from fusion.data import PatchStream
+from fusion.engine.checkpoint import MANIFEST, STATE_FILE, check_state, read_state, save_state
+from fusion.engine.cluster import connect, scaling, storage, worker_setup
+from fusion.engine.runs import (
+    NO_START,
+    Sink,
+    Start,
+    finish,
+    newest_good,
+    pass_through,
+    phase_weights,
+    reporter,
+    run_name,
+)
+from fusion.engine.trainer import Hooks, Trainer
 from fusion.errors import FusionError, TransientError
 from fusion.params import Params
-from fusion.runs import finish, phase1_init, progress, run_name
-from fusion.train import Hooks, Trainer
 
 
 @dataclass(frozen=True)
@@ -50,76 +47,97 @@ class Fault:
     rank: int = 0
 
 
-def storage(params: Params) -> tuple[str, pafs.FileSystem]:
-    """(path, filesystem) for Ray's ``storage_path``: S3 (endpoint configurable) or local."""
-    path = params.ray.storage_path
-    url = urlparse(path)
-    if url.scheme == "s3":
-        endpoint = params.ray.storage_endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
-        options: dict[str, Any] = {"endpoint_override": endpoint} if endpoint else {}
-        if endpoint.startswith("http://"):
-            options["scheme"] = "http"
-        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-        if region:
-            options["region"] = region
-        return f"{url.netloc}{url.path}".rstrip("/"), pafs.S3FileSystem(**options)
-    if url.scheme not in ("", "file"):
-        raise FusionError(f"ray.storage_path {path!r}: only local folders and s3:// are supported")
-    return str(Path(url.path if url.scheme else path).resolve()), pafs.LocalFileSystem()
+@dataclass(frozen=True)
+class RunStore:
+    """Where one run's checkpoints live, all attempts together."""
 
+    fs: Any  # pyarrow filesystem
+    root: str  # <storage>/<run name>
 
-def _final_state(fs: pafs.FileSystem, run: str, steps: int) -> dict[str, Any] | None:
-    path = f"{run}/step-{steps:07d}/{STATE_FILE}"
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as fh:
-        data = io.BytesIO(fh.read())
-    return torch.load(data, map_location="cpu", weights_only=True)
+    def _read(self, path: str) -> bytes | None:
+        import pyarrow.fs as pafs
 
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as fh:
+            return fh.read()
 
-def connect(address: str = "") -> None:
-    """Join ``address`` / ``$RAY_ADDRESS``, or start a local Ray instance."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS", "")
-    try:
-        ray.init(address=address or None, logging_level="WARNING", log_to_driver=True)
-    except (ConnectionError, RuntimeError) as exc:
-        raise TransientError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from exc
+    def steps(self) -> list[str]:
+        """Checkpoint folders of every attempt, by step (then attempt), oldest first."""
+        import pyarrow.fs as pafs
 
+        if self.fs.get_file_info(self.root).type != pafs.FileType.Directory:
+            return []
+        found = [i.path for i in self.fs.get_file_info(pafs.FileSelector(self.root,
+                                                                          recursive=True))
+                 if i.type == pafs.FileType.Directory and i.base_name.startswith("step-")
+                 and "/attempt-" in i.path]
+        return sorted(found, key=lambda p: (p.rsplit("/", 1)[1], p))
 
-def scaling(params: Params) -> ScalingConfig:
-    r = params.ray
-    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
-    return ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
-                         resources_per_worker=resources, placement_strategy=r.placement_strategy)
+    def attempts(self) -> list[str]:
+        import pyarrow.fs as pafs
+
+        if self.fs.get_file_info(self.root).type != pafs.FileType.Directory:
+            return []
+        return sorted(i.base_name for i in self.fs.get_file_info(pafs.FileSelector(self.root))
+                      if i.base_name.startswith("attempt-"))
+
+    def load(self, folder: str) -> dict[str, Any]:
+        """A checkpoint's state, verified against its manifest (FusionError if bad)."""
+        reason = check_state(self._read(f"{folder}/{MANIFEST}"),
+                             self._read(f"{folder}/{STATE_FILE}"))
+        if reason:
+            raise FusionError(f"not a good training checkpoint ({reason})")
+        return read_state(self._read(f"{folder}/{STATE_FILE}"), folder)
+
+    def newest(self) -> dict[str, Any] | None:
+        return newest_good(self.steps(), self.load, self.root.rsplit("/", 1)[-1])
+
+    def delete(self) -> None:
+        import pyarrow.fs as pafs
+
+        if self.fs.get_file_info(self.root).type != pafs.FileType.NotFound:
+            self.fs.delete_dir(self.root)
+
+    def prune(self, keep: str) -> None:
+        """Drop the attempts before ``keep`` once the run has finished."""
+        for attempt in self.attempts():
+            if attempt != keep:
+                self.fs.delete_dir(f"{self.root}/{attempt}")
 
 
 def shipped(params: Params) -> Params:
     """Params for workers, which may run elsewhere (another cwd, another node with a
     shared filesystem): the dataset path made absolute."""
-    return replace(params, train=replace(params.train, data=str(Path(params.train.data).resolve())))
+    t = params.train
+    return replace(params, train=replace(t, data=str(Path(t.data).resolve())))
 
 
 def _worker(config: dict[str, Any]) -> None:
-    """One DDP worker: build the trainer, resume from Ray's checkpoint, run the shared loop."""
-    warnings.filterwarnings("ignore", message="Grad strides do not match")  # DDP, harmless
+    """One DDP worker: build the trainer, resume from the newest good checkpoint of the run,
+    run the shared loop, report metrics and checkpoints."""
+    import ray.train
+    import ray.train.torch
+
+    from fusion.engine.batches import PatchStream
+
     params: Params = config["params"]
     phase: int = config["phase"]
     fault: Fault | None = config["fault"]
-    torch.set_num_threads(max(1, int(params.ray.cpus_per_worker)))  # Ray's default: 1
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    trainer = Trainer(params, phase, ray.train.torch.get_device(), init=config["init"],
+    store: RunStore = config["store"]
+    rank, world, device = worker_setup(params)
+    trainer = Trainer(params, phase, device, init=config["init"],
                       wrap=ray.train.torch.prepare_model)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            trainer.load(load_state(folder))
+    state = store.newest()
+    if state is not None:
+        trainer.load(state)
+        if rank == 0:
+            print(f"phase {phase}: resuming from step {trainer.step}", file=sys.stderr)
     t = params.train
     stream = PatchStream(Path(t.data) / "patches", "train", t.batch_size, t.seed,
                          rank=rank, world=world, crop=t.crop)
-    shown = progress(phase, trainer.steps) if rank == 0 else (lambda step, metrics: None)
+    sink: Sink | None = config["sink"] if rank == 0 else None
+    shown = reporter(phase, trainer.steps, sink) if rank == 0 else Hooks()
 
     def batches(step: int):
         if fault and rank == fault.rank and step == fault.step and not Path(fault.marker).exists():
@@ -129,7 +147,7 @@ def _worker(config: dict[str, Any]) -> None:
         return stream.batch(step)
 
     def report(step: int, metrics: dict[str, float]) -> None:
-        shown(step, metrics)
+        shown.report(step, metrics)
         ray.train.report({"step": step, **metrics})
 
     def save(step: int, state: dict[str, Any]) -> None:
@@ -141,50 +159,73 @@ def _worker(config: dict[str, Any]) -> None:
             folder = save_state(state, Path(tmp) / "state")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"step-{step:07d}")
+        shown.save(step, state)
 
-    trainer.fit(batches, Hooks(report=report, save=save))
+    if sink is not None:
+        sink.open()
+    try:
+        trainer.fit(batches, Hooks(report=report, save=save))
+    finally:
+        if sink is not None:
+            sink.close()
 
 
-def train_ray(params: Params, phase: int, fresh: bool = False, address: str = "",
-              fault: Fault | None = None) -> Path:
+def train_ray(params: Params, phase: int, start: Start = NO_START, fresh: bool = False,
+              address: str = "", fault: Fault | None = None, sink: Sink | None = None) -> Path:
     """Train one phase on Ray Train and export the model to the phase's output folder."""
+    skipped = pass_through(params, phase, start)
+    if skipped is not None:
+        return skipped
     t, r = params.train, params.ray
-    init = load_weights(phase1_init(params)) if phase == 2 else None
-    name = run_name(params, phase, workers=r.num_workers)
+    steps = t.steps[phase - 1]
+    init = phase_weights(params, phase, start)
+    name = run_name(params, phase, start, workers=r.num_workers)
     root, fs = storage(params)
+    store = RunStore(fs, f"{root}/{name}")
     if fresh:
-        info = fs.get_file_info(f"{root}/{name}")
-        if info.type != pafs.FileType.NotFound:
-            fs.delete_dir(f"{root}/{name}")
-    elif isinstance(fs, pafs.LocalFileSystem):
-        Path(root).mkdir(parents=True, exist_ok=True)
-    final = _final_state(fs, f"{root}/{name}", t.phase1_steps if phase == 1 else t.phase2_steps)
-    if final is not None:  # finished before: export again without starting workers
+        store.delete()
+    state = store.newest()
+    if state is not None and state["step"] == steps:  # finished before: export again
         print(f"phase {phase}: {name} already finished, exporting its final checkpoint",
               file=sys.stderr)
-        return finish(params, phase, final, name)
+        return finish(params, phase, state, name, start)
+    attempt = f"attempt-{len(store.attempts()) + 1:03d}"
     connect(address or r.address)
+    return _fit(params, phase, start, init, name, store, attempt, fault, sink)
+
+
+def _fit(params: Params, phase: int, start: Start, init: Any, name: str, store: RunStore,
+         attempt: str, fault: Fault | None, sink: Sink | None) -> Path:
+    import ray.train
+    import ray.train.torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    t, r = params.train, params.ray
     trainer = ray.train.torch.TorchTrainer(
         _worker,
         train_loop_config={"params": shipped(params), "phase": phase, "init": init,
-                           "fault": fault},
+                           "fault": fault, "store": store, "sink": sink},
         scaling_config=scaling(params),
         run_config=RunConfig(
-            name=name, storage_path=root, storage_filesystem=fs,
+            name=attempt, storage_path=store.root, storage_filesystem=store.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=r.max_failures)))
-    print(f"phase {phase}: Ray Train run {name} ({r.num_workers} worker(s)) -> "
+    print(f"phase {phase}: Ray Train run {name}/{attempt} ({r.num_workers} worker(s)) -> "
           f"{r.storage_path}", file=sys.stderr)
     try:
-        result = trainer.fit()
+        trainer.fit()
     except ray.train.TrainingFailedError as exc:  # e.g. nodes lost beyond max_failures
         raise TransientError(f"phase {phase}: Ray Train run {name} failed after "
-                          f"{r.max_failures} restart(s): {exc}") from exc
-    if result.checkpoint is None:
-        raise FusionError(f"phase {phase}: Ray Train run {name} left no checkpoint")
-    with result.checkpoint.as_directory() as folder:
-        state = load_state(folder)
-    if state["step"] != (t.phase1_steps if phase == 1 else t.phase2_steps):
-        raise FusionError(f"phase {phase}: final checkpoint of {name} is at step {state['step']}")
-    return finish(params, phase, state, name)
+                             f"{r.max_failures} restart(s): {_first_line(exc)}") from exc
+    state = store.newest()
+    if state is None or state["step"] != t.steps[phase - 1]:
+        raise FusionError(f"phase {phase}: Ray Train run {name} ended without its final "
+                          "checkpoint")
+    store.prune(attempt)
+    return finish(params, phase, state, name, start)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 

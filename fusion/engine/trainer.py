@@ -1,8 +1,10 @@
-"""The DAE-Fuse training loop for both phases: one code path for single-process and Ray runs.
+"""The training loop: one code path for every family and phase, single-process and Ray.
 
-``Trainer`` owns models, optimizers and schedulers; ``fit`` runs steps and calls hooks to
-report metrics and save checkpoints. Ray Train supplies other hooks and a ``wrap`` (DDP);
-the loop itself does not know where it runs.
+``Trainer`` owns the network (and, for adversarial phases, the discriminators), their
+optimizers and schedulers; ``fit`` runs steps and calls hooks to report metrics and save
+checkpoints. The family supplies the network, the phase's outputs (its ``forward``) and
+the losses; Ray Train supplies other hooks and a ``wrap`` (DDP). The loop itself knows
+neither the family nor where it runs.
 """
 
 from __future__ import annotations
@@ -12,27 +14,15 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from fusion import losses
-from fusion.checkpoint import Weights, load_weights
-from fusion.model import DAEFuse, Discriminator
+from fusion.models import losses
 from fusion.params import Params
 
-
-class Discriminators(nn.Module):
-    """DM1 (source A) and DM2 (source B) as one module, so DDP wraps them together."""
-
-    def __init__(self, p) -> None:
-        super().__init__()
-        self.d1, self.d2 = Discriminator(p), Discriminator(p)
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.d1(a), self.d2(b)
+Weights = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]  # network, critic
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,60 +48,72 @@ class Hooks:
 
 
 class Trainer:
+    """One phase of the active family's recipe (``params.model.family``)."""
+
     def __init__(self, params: Params, phase: int, device: torch.device | str = "cpu",
-                 init: str | Path | Weights | None = None,
+                 init: Weights | None = None,
                  wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> None:
-        if phase not in (1, 2):
-            raise ValueError(f"phase must be 1 or 2, got {phase}")
+        family = params.family
+        self.spec = family.phase(phase)
+        self.impl = family.impl()
         self.params, self.phase = params, phase
+        self.weights = family.loss(params.config, phase)
         self.device = torch.device(device)
         t = params.train
         torch.manual_seed(t.seed)
-        self.model = DAEFuse(params.model)
-        self.disc = Discriminators(params.model)
-        if init is not None:  # phase II starts from the phase I export (folder or weights)
-            model_sd, disc_sd = load_weights(init) if isinstance(init, str | Path) else init
-            self.model.load_state_dict(model_sd)
-            self.disc.load_state_dict(disc_sd)
-        fusion_layers = [self.model.cross_a, self.model.cross_b, self.model.fuse_reduce]
-        for module in fusion_layers:  # phase I does not use (or train) the fusion layers
-            module.requires_grad_(phase == 2)
+        self.model = self.impl.build(params.config.net)
+        self.critic = self.impl.build_critic(params.config.net) if self.spec.adversarial else None
+        if init is not None:  # the previous phase's export, or a warm start
+            net_sd, critic_sd = init
+            self.model.load_state_dict(net_sd)
+            if self.critic is not None and critic_sd is not None:
+                self.critic.load_state_dict(critic_sd)
+        children = dict(self.model.named_children())
+        unknown = set(self.spec.frozen) - set(children)
+        if unknown:
+            raise ValueError(f"{family.name} phase {phase}: no parts named {sorted(unknown)}")
+        for name, module in children.items():
+            module.requires_grad_(name not in self.spec.frozen)
         self.model.to(self.device)
-        self.disc.to(self.device)
-        self.net, self.dnet = wrap(self.model), wrap(self.disc)
-        self.steps = t.phase1_steps if phase == 1 else t.phase2_steps
+        self.net = wrap(self.model)
+        self.steps = t.steps[phase - 1]
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt_g = torch.optim.Adam(trainable, lr=t.lr)
-        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=t.d_lr)
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(
             self.opt_g, _cosine(self.steps, t.lr_min_ratio))
-        self.sched_d = torch.optim.lr_scheduler.LambdaLR(
-            self.opt_d, _cosine(self.steps, t.lr_min_ratio))
+        if self.critic is not None:
+            self.critic.to(self.device)
+            self.cnet = wrap(self.critic)
+            self.opt_d = torch.optim.Adam(self.critic.parameters(), lr=t.d_lr)
+            self.sched_d = torch.optim.lr_scheduler.LambdaLR(
+                self.opt_d, _cosine(self.steps, t.lr_min_ratio))
         self.step = 0
         self.curve: list[dict[str, float]] = []
         self.resumes: list[int] = []  # steps this run was resumed at (crash / restart audit)
         self.amp = t.amp and self.device.type == "cuda"
 
     # -- state ------------------------------------------------------------------------
+    def _stateful(self) -> dict[str, Any]:
+        parts = {"model": self.model, "opt_g": self.opt_g, "sched_g": self.sched_g}
+        if self.critic is not None:
+            parts.update(critic=self.critic, opt_d=self.opt_d, sched_d=self.sched_d)
+        return parts
+
     def state(self) -> dict[str, Any]:
-        state = {"phase": self.phase, "step": self.step, "model": self.model.state_dict(),
-                 "disc": self.disc.state_dict(), "opt_g": self.opt_g.state_dict(),
-                 "opt_d": self.opt_d.state_dict(), "sched_g": self.sched_g.state_dict(),
-                 "sched_d": self.sched_d.state_dict(), "curve": list(self.curve),
-                 "resumes": list(self.resumes), "rng_torch": torch.get_rng_state()}
+        state = {"family": self.params.model.family, "phase": self.phase, "step": self.step,
+                 **{k: v.state_dict() for k, v in self._stateful().items()},
+                 "curve": list(self.curve), "resumes": list(self.resumes),
+                 "rng_torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
     def load(self, state: dict[str, Any]) -> None:
-        if state["phase"] != self.phase:
-            raise ValueError(f"checkpoint is for phase {state['phase']}, not {self.phase}")
-        self.model.load_state_dict(state["model"])
-        self.disc.load_state_dict(state["disc"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
-        self.sched_g.load_state_dict(state["sched_g"])
-        self.sched_d.load_state_dict(state["sched_d"])
+        if (state.get("family"), state["phase"]) != (self.params.model.family, self.phase):
+            raise ValueError(f"checkpoint is for {state.get('family')} phase {state['phase']}, "
+                             f"not {self.params.model.family} phase {self.phase}")
+        for key, part in self._stateful().items():
+            part.load_state_dict(state[key])
         self.step, self.curve = state["step"], list(state["curve"])
         self.resumes = [*state.get("resumes", []), self.step]
         torch.set_rng_state(state["rng_torch"])
@@ -124,65 +126,49 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _update(self, opt: torch.optim.Optimizer, loss: torch.Tensor,
-                params: list[nn.Parameter]) -> None:
+    def _update(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(params, self.params.train.grad_clip)
+        nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                 self.params.train.grad_clip)
         opt.step()
 
-    def generate(self, a: torch.Tensor, b: torch.Tensor):
-        """Phase I: reconstructions and features; phase II: the fused image."""
-        if self.phase == 1:
-            rec, hf, lf = self.net(torch.cat([a, b]))
-            return rec.chunk(2), hf.chunk(2), lf.chunk(2)
-        return self.net(a, b)
-
-    def generator_losses(self, a, b, out, d_fake) -> dict[str, torch.Tensor]:
-        w = self.params.loss
-        adv = losses.generator_adversarial(*d_fake)
-        if self.phase == 1:
-            (rec_a, rec_b), (hf_a, hf_b), (lf_a, lf_b) = out
-            corr = losses.decomposition_loss(hf_a, hf_b, lf_a, lf_b)
-            content = losses.content_loss(a, rec_a) + losses.content_loss(b, rec_b)
-            total = w.lam * adv + w.sigma * corr + (1 - w.sigma) * content
-            return {"loss": total, "adv": adv, "corr": corr, "content": content}
-        text = losses.texture_loss(out, a, b)
-        inten = losses.intensity_loss(out, a, b)
-        total = w.w_text * text + w.w_int * inten + w.w_adv * adv
-        return {"loss": total, "adv": adv, "text": text, "int": inten}
+    def _losses(self, a: torch.Tensor, b: torch.Tensor, out: dict) -> dict[str, torch.Tensor]:
+        d_fake = self.cnet(*out["fakes"]) if self.critic is not None else None
+        return self.impl.losses_for(self.phase, a, b, out, self.weights, d_fake)
 
     def train_step(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
         a, b = a.to(self.device, non_blocking=True), b.to(self.device, non_blocking=True)
         self.net.train()
-        self.dnet.train()
+        metrics: dict[str, float] = {}
         with self._autocast():
-            out = self.generate(a, b)
-            fake_a, fake_b = out[0] if self.phase == 1 else (out, out)
-            n = a.shape[0]
-            d1, d2 = self.dnet(torch.cat([a, fake_a.detach()]), torch.cat([b, fake_b.detach()]))
-            d_loss = losses.discriminator_loss(d1[:n], d1[n:], d2[:n], d2[n:])
-        self._update(self.opt_d, d_loss, list(self.disc.parameters()))
+            out = self.net(a, b, self.phase)
+        if self.critic is not None:  # discriminators first, on detached fakes
+            self.cnet.train()
+            with self._autocast():
+                fake_a, fake_b = (f.detach() for f in out["fakes"])
+                n = a.shape[0]
+                d1, d2 = self.cnet(torch.cat([a, fake_a]), torch.cat([b, fake_b]))
+                d_loss = losses.discriminator_loss(d1[:n], d1[n:], d2[:n], d2[n:])
+            self._update(self.opt_d, d_loss)
+            self.sched_d.step()
+            metrics["d_loss"] = float(d_loss.detach())
         with self._autocast():
-            g = self.generator_losses(a, b, out, self.dnet(fake_a, fake_b))
-        self._update(self.opt_g, g["loss"], [p for group in self.opt_g.param_groups
-                                             for p in group["params"]])
+            g = self._losses(a, b, out)
+        self._update(self.opt_g, g["loss"])
         self.sched_g.step()
-        self.sched_d.step()
         self.step += 1
-        return {"d_loss": float(d_loss.detach()), **{k: float(v.detach()) for k, v in g.items()},
+        return {**metrics, **{k: float(v.detach()) for k, v in g.items()},
                 "lr": self.sched_g.get_last_lr()[0]}
 
     @torch.no_grad()
     def evaluate(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
-        """Generator losses on a fixed batch, in eval mode (for validation and tests)."""
+        """The phase's losses on a fixed batch, in eval mode (for validation and tests)."""
         a, b = a.to(self.device), b.to(self.device)
         self.net.eval()
-        self.dnet.eval()
-        out = self.generate(a, b)
-        fake_a, fake_b = out[0] if self.phase == 1 else (out, out)
-        return {k: float(v) for k, v in
-                self.generator_losses(a, b, out, self.dnet(fake_a, fake_b)).items()}
+        if self.critic is not None:
+            self.cnet.eval()
+        return {k: float(v) for k, v in self._losses(a, b, self.net(a, b, self.phase)).items()}
 
     # -- the loop -----------------------------------------------------------------------
     def fit(self, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
@@ -198,3 +184,10 @@ class Trainer:
                 hooks.report(self.step, metrics)
             if self.step % t.checkpoint_every == 0 or self.step == end:
                 hooks.save(self.step, self.state())
+
+    def weights_cpu(self) -> Weights:
+        """The trained weights on the CPU (the next phase's ``init``)."""
+        def cpu(module: nn.Module | None):
+            return None if module is None else {k: v.cpu() for k, v in
+                                                module.state_dict().items()}
+        return cpu(self.model), cpu(self.critic)

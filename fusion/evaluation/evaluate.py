@@ -1,46 +1,106 @@
-"""The ``evaluate`` stage: fuse each benchmark set, score model and baselines, write reports.
+"""The ``evaluate`` stage: fuse each benchmark set, score models and baselines, report.
 
-For every set in ``evaluate.sets`` the model's fused images are written as PNG, then the
-model and two baselines (mean fusion (A+B)/2 and max fusion max(A, B), both on the grey
-images the evaluator reads) are scored with the published definitions. Outputs:
-per-image metrics (Parquet), per-set means (JSON for ``dvc metrics``), a markdown report
-and one PNG grid per set (A | B | fused).
+For every set in ``evaluate.sets`` each model's fused images are written as PNG, then the
+models and two baselines (mean fusion (A+B)/2 and max fusion max(A, B), both on the grey
+images the evaluator reads) are scored with the published definitions. Several models
+(families) can stand side by side: the pipeline's model is ``model``, the others carry
+their own labels. Outputs:
+
+- ``<out>/per_image.parquet``: every image, method and metric;
+- ``<out>/summary.json``: {set: {method: {metric: mean}}} (read by register, the flows);
+- ``<out>/report.md``: a table per set and its grid image;
+- ``<summary>/<set>.json`` (and ``<set>-mean.json``, ``<set>-max.json``): the eight
+  published metrics per set, one small file each, so ``dvc metrics show`` prints one
+  readable row per set and method;
+- ``<grids>/<set>.png``: A | B | fused rows, for ``dvc plots``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
-from fusion import metrics
-from fusion.checkpoint import load_model
+from fusion.data.pairs import files_by_stem, read_names
 from fusion.errors import FusionError
-from fusion.inference import TileSpec, fuse_files
-from fusion.model import DAEFuse
+from fusion.evaluation import EIGHT
+from fusion.evaluation.gain import means
+from fusion.evaluation.scoring import format_table, read_grey, score_arrays
+from fusion.files import write_text
+from fusion.inference.fuse import Engine, fuse_files
 from fusion.params import BenchmarkSet, Params
-from fusion.prepare import read_exclusions
-from fusion.scoring import format_table, images_by_stem, read_grey, score_arrays
+from fusion.progress import progress
 
-METHODS = ("model", "mean", "max")
+BASELINES = ("mean", "max")
 EVALUATED = "evaluated.json"  # which model (weights hash) the reports describe
+SUMMARY = "summary.json"
 
 
-def _pairs(bench: BenchmarkSet) -> list[tuple[str, Path, Path]]:
-    a_files, b_files = images_by_stem(bench.a), images_by_stem(bench.b)
-    stems = sorted(set(a_files) & set(b_files))
+@dataclass(frozen=True)
+class Candidate:
+    """A model to score, under a label (``model`` is the pipeline's own)."""
+
+    label: str
+    engine: Engine
+
+
+def baselines(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
+    """The trivial fusions every model is measured against."""
+    return {"mean": np.round((a + b) / 2), "max": np.maximum(a, b)}
+
+
+def set_pairs(bench: BenchmarkSet) -> list[tuple[str, Path, Path]]:
+    """(stem, A, B) of a benchmark set: stems unique in both folders, optionally only
+    those named in ``bench.names``; a stem shared by two files is an error."""
+    a, b = files_by_stem(bench.a), files_by_stem(bench.b)
+    for side in (a, b):
+        if side.ambiguous:
+            stem = sorted(side.ambiguous)[0]
+            raise FusionError(f"evaluate set {bench.name!r}: {side.folder}: "
+                              f"{side.reason(stem)}")
+    stems = sorted(set(a.unique) & set(b.unique))
     if bench.names:
-        wanted = read_exclusions([bench.names])
+        wanted = read_names([bench.names])
         stems = [s for s in stems if s in wanted]
     if not stems:
         raise FusionError(f"evaluate set {bench.name!r}: no pairs in {bench.a} and {bench.b}")
-    return [(s, a_files[s], b_files[s]) for s in stems]
+    return [(s, a.unique[s], b.unique[s]) for s in stems]
+
+
+def score_sets(candidates: list[Candidate], sets: list[BenchmarkSet], params: Params,
+               workdir: Path, with_baselines: bool = True
+               ) -> tuple[dict[str, dict[str, dict[str, float]]], list[dict], dict]:
+    """Fuse and score every set: ({set: {method: {metric: mean}}}, per-image records,
+    {set: grid rows}). Fused images go to ``workdir/<label>/<set>/<stem>.png``."""
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    records: list[dict] = []
+    grids: dict[str, list] = {}
+    for bench in sets:
+        pairs = set_pairs(bench)
+        values: dict[str, list[dict[str, float]]] = {}
+        grids[bench.name] = []
+        for stem, a_path, b_path in progress(pairs, f"evaluate {bench.name}", unit="pair"):
+            a, b = read_grey(a_path, params.data.max_pixels), read_grey(b_path,
+                                                                         params.data.max_pixels)
+            fused = {}
+            for c in candidates:
+                path = workdir / c.label / bench.name / f"{stem}.png"
+                fuse_files(c.engine, a_path, b_path, path, params.data.max_pixels)
+                fused[c.label] = read_grey(path)
+            if with_baselines:
+                fused.update(baselines(a, b))
+            for method, f in fused.items():
+                scores = score_arrays(f, a, b, params.metrics)
+                values.setdefault(method, []).append(scores)
+                records.append({"set": bench.name, "image": stem, "method": method, **scores})
+            if len(grids[bench.name]) < params.evaluate.grid_rows:
+                grids[bench.name].append((a, b, *(fused[c.label] for c in candidates)))
+        summary[bench.name] = {m: {**means(v), "pairs": len(pairs)} for m, v in values.items()}
+    return summary, records, grids
 
 
 def _grid(rows: list[tuple[np.ndarray, ...]], path: Path, height: int = 160) -> None:
@@ -62,76 +122,48 @@ def _grid(rows: list[tuple[np.ndarray, ...]], path: Path, height: int = 160) -> 
     grid.save(path)
 
 
-def score_model(model: DAEFuse, sets: list[BenchmarkSet], params: Params,
-                workdir: Path) -> dict[str, dict[str, float]]:
-    """{set: {metric: mean}} of one model, its fused images written under ``workdir``
-    (used by ``fusion promote`` to compare two models on the same sets)."""
-    summary = {}
-    for bench in sets:
-        values = []
-        for stem, a_path, b_path in _pairs(bench):
-            fused_path = workdir / bench.name / f"{stem}.png"
-            fuse_files(model, a_path, b_path, fused_path, TileSpec(params.evaluate.tile))
-            values.append(score_arrays(read_grey(fused_path), read_grey(a_path),
-                                       read_grey(b_path), params.metrics))
-        summary[bench.name] = {k: float(np.mean([v[k] for v in values])) for k in metrics.ALL}
-    return summary
+def evaluate(params: Params, candidates: list[Candidate], digest: str
+             ) -> dict[str, dict[str, dict[str, float]]]:
+    """Run the stage for ``candidates`` (the first is the pipeline's model, whose weights
+    hash is ``digest``); returns {set: {method: {metric: mean}}}."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-
-def model_digest(folder: str | Path) -> str:
-    """sha256 of an exported model's weights: ties reports and registry entries to it."""
-    path = Path(folder) / "model.safetensors"
-    if not path.exists():
-        raise FusionError(f"{folder}: no exported model (model.safetensors missing)")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def evaluate(params: Params) -> dict[str, dict[str, dict[str, float]]]:
-    """Run the stage; returns {set: {method: {metric: mean}}}."""
     ev = params.evaluate
     out = Path(ev.out)
-    model = load_model(ev.model)
-    digest = model_digest(ev.model)
-    records: list[dict] = []
-    summary: dict[str, dict[str, dict[str, float]]] = {}
-    for bench in ev.sets:
-        pairs = _pairs(bench)
-        per_method: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
-        grid_rows = []
-        for stem, a_path, b_path in pairs:
-            fused_path = out / "fused" / bench.name / f"{stem}.png"
-            fuse_files(model, a_path, b_path, fused_path, TileSpec(ev.tile))
-            a, b = read_grey(a_path), read_grey(b_path)
-            candidates = {"model": read_grey(fused_path), "mean": np.round((a + b) / 2),
-                          "max": np.maximum(a, b)}
-            for method, f in candidates.items():
-                values = score_arrays(f, a, b, params.metrics)
-                per_method[method].append(values)
-                records.append({"set": bench.name, "image": stem, "method": method, **values})
-            if len(grid_rows) < ev.grid_rows:
-                grid_rows.append((a, b, candidates["model"]))
-        summary[bench.name] = {m: {k: float(np.mean([v[k] for v in vals]))
-                                   for k in metrics.ALL} for m, vals in per_method.items()}
-        summary[bench.name]["model"]["pairs"] = len(pairs)
-        _grid(grid_rows, Path(ev.grids) / f"{bench.name}.png")
-    _write(records, summary, out, Path(ev.summary), Path(ev.grids))
-    (out / EVALUATED).write_text(json.dumps({"model": ev.model, "model_sha256": digest,
-                                             "sets": [b.name for b in ev.sets]}, indent=2))
+    summary, records, grids = score_sets(candidates, ev.sets, params, out / "fused")
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(records), out / "per_image.parquet")
+    write_text(out / SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    metrics_dir = Path(ev.summary)
+    for name, methods in summary.items():
+        for method in ("model", *BASELINES):
+            suffix = "" if method == "model" else f"-{method}"
+            row = {k: round(methods[method][k], 4) for k in EIGHT}
+            write_text(metrics_dir / f"{name}{suffix}.json",
+                       json.dumps({**row, "pairs": methods[method]["pairs"]}, indent=2) + "\n")
+        _grid(grids[name], Path(ev.grids) / f"{name}.png")
+    labels = [c.label for c in candidates]
+    write_text(out / "report.md", report(summary, labels, out, Path(ev.grids)))
+    write_text(out / EVALUATED, json.dumps({"model": ev.model, "model_sha256": digest,
+                                            "sets": [b.name for b in ev.sets],
+                                            "compared": labels[1:]}, indent=2) + "\n")
     return summary
 
 
-def _write(records: list[dict], summary: dict, out: Path, summary_path: Path,
-           grids: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(records), out / "per_image.parquet")
-    summary_path.parent.mkdir(parents=True, exist_ok=True)
-    summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+def report(summary: dict, labels: list[str], out: Path, grids: Path) -> str:
     lines = ["# Evaluation", "",
-             "Published metric definitions (see `fusion/metrics.py`); fused images are scored "
-             "as the model wrote them, without min-max stretching. Baselines: mean fusion "
-             "(A+B)/2 and max fusion max(A, B) on the same grey images.", ""]
+             "Published metric definitions (`fusion/evaluation/metrics.py`); fused images are "
+             "scored as the models wrote them, without min-max stretching. Baselines: mean "
+             "fusion (A+B)/2 and max fusion max(A, B) on the same grey images. MI, VIF and "
+             "SSIM are sums over the two sources (e.g. SSIM(F, A) + SSIM(F, B)), so their "
+             "values can exceed 1 (SSIM at most 2); higher is better for every metric but MSE.",
+             ""]
+    if len(labels) > 1:
+        lines += ["Models side by side: " + ", ".join(f"`{label}`" for label in labels), ""]
     for name, methods in summary.items():
         lines += [f"## {name} ({int(methods['model']['pairs'])} pairs)", "",
-                  format_table(methods), "",
+                  format_table(methods), "", "Grid, one row per pair: A | B | "
+                  + " | ".join(labels), "",
                   f"![{name}]({Path(os.path.relpath(grids, out)) / name}.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    return "\n".join(lines)

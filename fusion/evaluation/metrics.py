@@ -38,11 +38,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fusion.evaluation import METRICS
 from fusion.params import MetricParams as MetricOptions
 
-EIGHT = ("EN", "SD", "SF", "MI", "SCD", "VIF", "Qabf", "SSIM")
-EXTRAS = ("AG", "CC", "MSE", "PSNR")
-ALL = EIGHT + EXTRAS
 EPS = 1e-10
 PUBLISHED = MetricOptions()  # the definitions of the published evaluator
 DTYPE = torch.float64
@@ -287,7 +285,7 @@ def ssim(f, a, b, options: MetricOptions = PUBLISHED) -> torch.Tensor:
     return _ssim(f, [a, b], options.ssim_data_range)
 
 
-def compute(f, a, b, names: tuple[str, ...] = ALL,
+def compute(f, a, b, names: tuple[str, ...] = METRICS,
             options: MetricOptions = PUBLISHED) -> dict[str, torch.Tensor]:
     """The named metrics for a batch of (fused, A, B) images; each value has shape (N,)."""
     f, a, b = _batch(f), _batch(a), _batch(b)
@@ -306,5 +304,5 @@ def compute(f, a, b, names: tuple[str, ...] = ALL,
         elif name in with_options:
             out[name] = with_options[name](f, a, b, options)
         else:
-            raise ValueError(f"unknown metric {name!r}; known: {', '.join(ALL)}")
+            raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
     return out

@@ -12,45 +12,28 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import kornia.color
 import numpy as np
-import torch
 
-from fusion import metrics
+from fusion.data.images import DEFAULT_MAX_PIXELS, max_value, read_image
+from fusion.data.pairs import files_by_stem, match_stems
 from fusion.errors import BadInputError
-from fusion.imaging import SUPPORTED_SUFFIXES, max_value, read_image, to_float
+from fusion.evaluation import METRICS
+from fusion.evaluation.gain import means
+from fusion.files import write_text
+from fusion.params import MetricParams
+from fusion.progress import progress
+
+PUBLISHED = MetricParams()  # the definitions of the published evaluator
 
 
-def read_grey(path: str | Path) -> np.ndarray:
+def read_grey(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """float64 (H, W) grey image on the 0-255 scale, integer valued."""
-    image = read_image(path)
+    image = read_image(path, max_pixels)
     scale = 255.0 / max_value(image.bits)
-    if image.channels == 1:
-        return np.round(image.pixels.astype(np.float64) * scale)
-    grey = kornia.color.rgb_to_grayscale(to_float(image.pixels))[0].double()
-    return np.round(grey.numpy() * max_value(image.bits) * scale)
-
-
-def images_by_stem(folder: str | Path) -> dict[str, Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise BadInputError(folder, "folder not found")
-    return {p.stem: p for p in sorted(folder.iterdir())
-            if p.suffix.lower() in SUPPORTED_SUFFIXES and not p.name.startswith(".")}
-
-
-def match_by_stem(a_dir: str | Path, b_dir: str | Path
-                  ) -> tuple[list[tuple[str, Path, Path]], list[str]]:
-    """(stem, A file, B file) for names in both folders, and an error line per lone file."""
-    a_files, b_files = images_by_stem(a_dir), images_by_stem(b_dir)
-    pairs, errors = [], []
-    for stem in sorted(set(a_files) | set(b_files)):
-        if stem in a_files and stem in b_files:
-            pairs.append((stem, a_files[stem], b_files[stem]))
-        else:
-            other = b_dir if stem in a_files else a_dir
-            errors.append(f"{a_files.get(stem) or b_files[stem]}: no partner in {other}")
-    return pairs, errors
+    pixels = image.pixels.astype(np.float64)
+    if image.channels == 3:  # BT.601 weights, as OpenCV's BGR2GRAY
+        pixels = pixels @ np.array([0.299, 0.587, 0.114])
+    return np.round(pixels * scale)
 
 
 @dataclass
@@ -61,35 +44,41 @@ class ScoreReport:
     errors: list[str] = field(default_factory=list)
 
     def means(self) -> dict[str, float]:
-        if not self.per_image:
-            return {}
-        names = next(iter(self.per_image.values())).keys()
-        return {n: float(np.mean([v[n] for v in self.per_image.values()])) for n in names}
+        return means(list(self.per_image.values()))
 
     def to_json(self) -> dict:
         return {"images": self.per_image, "mean": self.means(), "errors": self.errors}
 
 
 def score_arrays(f: np.ndarray, a: np.ndarray, b: np.ndarray,
-                 options: metrics.MetricOptions = metrics.PUBLISHED,
-                 device: str = "cpu") -> dict[str, float]:
+                 options: MetricParams = PUBLISHED, device: str = "cpu") -> dict[str, float]:
+    import torch
+
+    from fusion.evaluation.metrics import compute
+
     tensors = [torch.from_numpy(x).to(device) for x in (f, a, b)]
-    return {k: float(v.item()) for k, v in metrics.compute(*tensors, options=options).items()}
+    return {k: float(v.item()) for k, v in compute(*tensors, options=options).items()}
 
 
 def score_folders(fused: str | Path, a_dir: str | Path, b_dir: str | Path,
-                  options: metrics.MetricOptions = metrics.PUBLISHED,
-                  device: str = "cpu") -> ScoreReport:
-    """Score every source pair that has a fused image; report whatever cannot be scored."""
-    fused_files = images_by_stem(fused)
-    pairs, errors = match_by_stem(a_dir, b_dir)
+                  options: MetricParams = PUBLISHED, device: str = "cpu",
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> ScoreReport:
+    """Score every source pair that has a fused image; report whatever cannot be scored
+    (a missing or ambiguous fused image, a lone or ambiguous source, a size mismatch)."""
+    fused_stems = files_by_stem(fused)
+    pairs, errors = match_stems(a_dir, b_dir)
     report = ScoreReport(errors=errors)
-    for stem, a_path, b_path in pairs:
+    report.errors += [f"{f}: {fused_stems.reason(stem)}"
+                      for stem, files in fused_stems.ambiguous.items() for f in files]
+    fused_files = fused_stems.unique
+    for stem, a_path, b_path in progress(pairs, "score", unit="pair"):
+        if stem in fused_stems.ambiguous:
+            continue
         if stem not in fused_files:
             report.errors.append(f"{Path(fused) / stem}.*: fused image missing")
             continue
         try:
-            f, a, b = (read_grey(p) for p in (fused_files[stem], a_path, b_path))
+            f, a, b = (read_grey(p, max_pixels) for p in (fused_files[stem], a_path, b_path))
         except BadInputError as exc:
             report.errors.append(str(exc))
             continue
@@ -103,7 +92,7 @@ def score_folders(fused: str | Path, a_dir: str | Path, b_dir: str | Path,
     return report
 
 
-def format_table(rows: dict[str, dict[str, float]], names: tuple[str, ...] = metrics.ALL) -> str:
+def format_table(rows: dict[str, dict[str, float]], names: tuple[str, ...] = METRICS) -> str:
     """Markdown table, one row per entry (e.g. per set or per method)."""
     lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for label, values in rows.items():
@@ -114,6 +103,4 @@ def format_table(rows: dict[str, dict[str, float]], names: tuple[str, ...] = met
 
 
 def write_json(report: ScoreReport, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n")

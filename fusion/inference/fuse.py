@@ -1,32 +1,40 @@
-"""Fusing real images: any size, colour, 8/16 bit, tiled with seamless blending.
+"""Fusing real images with any family: any size, grey or colour, 8 or 16 bit, tiled exactly.
 
 Colour (DESIGN.md section 1): when a source is truly RGB (its channels differ), its luma Y
 is fused with the other source and its Cb/Cr are put back; RGB files with grey content are
-treated as grey. Images larger than the tile size are fused tile by tile with
-``fusion.tiling``, which gives the whole-image result (no seams, no blending needed).
+treated as grey. The output has the larger bit depth of the two sources, and colour when
+a source has it; both are decided from the headers, before the model runs, so an output
+format that cannot hold the result is refused at once. Images larger than the tile are
+fused tile by tile with ``fusion.inference.tiling``, which reproduces the whole-image result
+for families that declare exact tiling; the others are fused whole, and say so.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
-import torch
-from PIL import Image
 
-from fusion.errors import BadInputError, FusionError
-from fusion.imaging import (
+from fusion.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageInfo,
     SourceImage,
     max_value,
+    output_format,
+    probe_image,
     read_image,
     rgb_to_ycbcr,
-    to_float,
+    size_mismatch,
+    to_unit,
+    write_image,
     ycbcr_to_rgb,
 )
-from fusion.model import DAEFuse
-from fusion.scoring import match_by_stem
-from fusion.tiling import fuse_tiled
+from fusion.data.pairs import match_stems
+from fusion.errors import BadInputError, FusionError
+from fusion.progress import progress
 
 
 @dataclass(frozen=True)
@@ -34,76 +42,140 @@ class TileSpec:
     size: int = 1024  # tile side in pixels; images no larger than this are fused whole
     halo: int = 64  # context around each tile's core (covers the local layers' reach)
 
-
-@torch.inference_mode()
-def fuse_tensors(model: DAEFuse, a: torch.Tensor, b: torch.Tensor,
-                 tiles: TileSpec = TileSpec()) -> torch.Tensor:
-    """Fuse (1, 1, H, W) tensors in [0, 1]; tiles (exactly) when the image exceeds the tile
-    size."""
-    h, w = a.shape[-2:]
-    if h <= tiles.size and w <= tiles.size:
-        return model.fuse(a, b)
-    return fuse_tiled(model, a, b, tiles.size, tiles.halo)
+    def __post_init__(self) -> None:
+        if self.halo < 0 or self.size < 2 * self.halo + 32:
+            raise FusionError(f"--tile {self.size} must exceed twice --halo {self.halo} by at "
+                              "least 32 pixels (the tile's core)")
 
 
-def _is_colour(image: SourceImage) -> bool:
-    p = image.pixels
-    return image.channels == 3 and not (np.array_equal(p[..., 0], p[..., 1])
-                                        and np.array_equal(p[..., 1], p[..., 2]))
+class Engine(Protocol):
+    """Fuses two grey float32 planes in [0, 1] of one size into one (torch or ONNX)."""
+
+    explains: bool
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray: ...
+
+    def explain(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-def fuse_images(model: DAEFuse, a: SourceImage, b: SourceImage, tiles: TileSpec = TileSpec(),
-                device: str | torch.device = "cpu") -> np.ndarray:
-    """Fused pixels: grey (H, W) or RGB (H, W, 3), 16-bit when either source is 16-bit."""
+class TorchEngine:
+    """A family's network in torch; tiles exactly when the image exceeds the tile."""
+
+    def __init__(self, model, family, tiles: TileSpec = TileSpec(), device="cpu") -> None:
+        self.model, self.family, self.tiles, self.device = model, family, tiles, device
+        self.explains = family.explains
+
+    def _tensors(self, a: np.ndarray, b: np.ndarray):
+        import torch
+
+        return (torch.from_numpy(np.ascontiguousarray(x, np.float32))[None, None]
+                .to(self.device) for x in (a, b))
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        import torch
+
+        from fusion.inference.tiling import fuse_tiled
+
+        ta, tb = self._tensors(a, b)
+        h, w = a.shape
+        with torch.inference_mode():
+            if h <= self.tiles.size and w <= self.tiles.size:
+                fused = self.model.fuse(ta, tb)
+            elif self.family.exact_tiling:
+                fused = fuse_tiled(self.model, ta, tb, self.tiles.size, self.tiles.halo)
+            else:
+                print(f"note: {self.family.name} cannot be tiled exactly; fusing the "
+                      f"{w}x{h} image whole (memory grows with the image)", file=sys.stderr)
+                fused = self.model.fuse(ta, tb)
+        return fused[0, 0].float().clamp(0, 1).cpu().numpy()
+
+    def explain(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        ta, tb = self._tensors(a, b)
+        with torch.inference_mode():
+            out = self.model.explain(ta, tb)
+        return tuple(out[k][0, 0].float().clamp(0, 1).cpu().numpy()
+                     for k in ("fused", "contribution"))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What fusing a pair will produce, decided from the two headers."""
+
+    width: int
+    height: int
+    bits: int
+    colour: bool  # at least one source declares colour (a grey-content RGB file turns out grey)
+
+
+def plan(a: ImageInfo, b: ImageInfo) -> Plan:
+    """Check a pair before any decoding: same size; the output's depth and colour."""
+    if (a.width, a.height) != (b.width, b.height):
+        raise size_mismatch(a.path, (a.width, a.height), b.path, (b.width, b.height))
+    return Plan(a.width, a.height, max(a.bits, b.bits), 3 in (a.channels, b.channels))
+
+
+def _luma_plane(image: SourceImage) -> np.ndarray:
+    unit = to_unit(image.pixels)
+    return rgb_to_ycbcr(unit)[..., 0] if image.channels == 3 else unit
+
+
+def fuse_images(engine: Engine, a: SourceImage, b: SourceImage, explain: bool = False
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(fused pixels, contribution map or None): grey (H, W) or RGB (H, W, 3), at the
+    larger bit depth of the sources."""
     if (a.height, a.width) != (b.height, b.width):
         raise FusionError(f"size mismatch: {a.width}x{a.height} vs {b.width}x{b.height}")
-    colour = b if _is_colour(b) else a if _is_colour(a) else None
-    planes = []
-    for image in (a, b):
-        t = to_float(image.pixels)
-        planes.append(rgb_to_ycbcr(t)[:1] if image.channels == 3 else t)
-    y = fuse_tensors(model, planes[0][None].to(device), planes[1][None].to(device), tiles)[0]
-    y = y.float().cpu().clamp(0, 1)
-    if colour is not None:
-        chroma = rgb_to_ycbcr(to_float(colour.pixels))[1:]
-        result = ycbcr_to_rgb(torch.cat([y, chroma])).permute(1, 2, 0)
+    colour = b if b.is_colour else a if a.is_colour else None
+    planes = _luma_plane(a), _luma_plane(b)
+    weight = None
+    if explain:
+        y, weight = engine.explain(*planes)
     else:
-        result = y[0]
-    bits = 16 if 16 in (a.bits, b.bits) else 8
+        y = engine(*planes)
+    if colour is not None:
+        ycbcr = rgb_to_ycbcr(to_unit(colour.pixels))
+        ycbcr[..., 0] = y
+        result = ycbcr_to_rgb(ycbcr)
+    else:
+        result = y
+    bits = max(a.bits, b.bits)
     scale = max_value(bits)
-    return (result.numpy() * scale).round().clip(0, scale).astype(
+    pixels = np.clip(np.round(result * scale), 0, scale).astype(
         np.uint16 if bits == 16 else np.uint8)
+    return pixels, weight
 
 
-def write_png(pixels: np.ndarray, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if pixels.dtype == np.uint16 and pixels.ndim == 3:
-        raise FusionError(f"{path}: 16-bit RGB output is not supported by the PNG writer")
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(pixels).save(tmp, format="PNG")
-    tmp.replace(path)
+def fuse_files(engine: Engine, a: Path, b: Path, out: Path,
+               max_pixels: int = DEFAULT_MAX_PIXELS, explain: Path | None = None) -> Path:
+    """Fuse one pair of files into ``out`` (its suffix picks the format); with ``explain``,
+    also write the contribution map of source A there (8-bit grey)."""
+    spec = plan(probe_image(a, max_pixels), probe_image(b, max_pixels))
+    output_format(out, spec.bits, spec.colour)
+    if explain is not None and not engine.explains:
+        raise FusionError("--explain: this model family has no contribution map")
+    pixels, weight = fuse_images(engine, read_image(a, max_pixels), read_image(b, max_pixels),
+                                 explain is not None)
+    write_image(pixels, out)
+    if weight is not None:
+        write_image(np.round(weight * 255).astype(np.uint8), explain)
+    return out
 
 
-def fuse_files(model: DAEFuse, a: Path, b: Path, out: Path, tiles: TileSpec,
-               device: str | torch.device = "cpu") -> None:
-    a_img, b_img = read_image(a), read_image(b)
-    if (a_img.height, a_img.width) != (b_img.height, b_img.width):
-        raise BadInputError(b, f"size mismatch: {a.name} is {a_img.width}x{a_img.height}, "
-                               f"{b.name} is {b_img.width}x{b_img.height}")
-    write_png(fuse_images(model, a_img, b_img, tiles, device), out)
-
-
-def fuse_folders(model: DAEFuse, a_dir: Path, b_dir: Path, out_dir: Path, tiles: TileSpec,
-                 device: str | torch.device = "cpu") -> tuple[list[Path], list[str]]:
-    """Fuse every name present in both folders; returns (written files, error lines)."""
-    pairs, errors = match_by_stem(a_dir, b_dir)
+def fuse_folders(engine: Engine, a_dir: Path, b_dir: Path, out_dir: Path,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, explain: bool = False
+                 ) -> tuple[list[Path], list[str]]:
+    """Fuse every stem present once in both folders into ``<stem>.png`` (16-bit when a
+    source is); returns (written files, one error line per pair or file that failed)."""
+    pairs, errors = match_stems(a_dir, b_dir)
     written = []
-    for stem, a_path, b_path in pairs:
+    for stem, a_path, b_path in progress(pairs, "fuse", unit="pair"):
         target = out_dir / f"{stem}.png"
         try:
-            fuse_files(model, a_path, b_path, target, tiles, device)
+            fuse_files(engine, a_path, b_path, target, max_pixels,
+                       out_dir / "contribution" / f"{stem}.png" if explain else None)
             written.append(target)
-        except FusionError as exc:
+        except BadInputError as exc:
             errors.append(str(exc))
     return written, errors

@@ -1,13 +1,14 @@
 """Exact tiled inference: tiles give the same fused image as one whole-image pass.
 
-Every attention layer of DAE-Fuse is global: channel attention normalises and correlates
-over all pixels, the ViT attends over all tokens. Tiles fused independently therefore see
-other statistics and differ from the whole image by a few grey levels. Here the image is
-run in passes instead. Pass k runs every tile up to the k-th attention layer, which adds
-the tile *core*'s share to that layer's whole-image statistics (channel attention: the
-q k^T sums and channel norms; ViT: the core tokens' keys and values) and stops. Once all
-tiles are in, the layer uses the finished statistics in every later pass. The last pass
-runs the tiles to the end and writes their cores.
+Attention layers can be global: channel attention (DAE-Fuse, CDDFuse) normalises and
+correlates over all pixels, DAE-Fuse's ViT attends over all tokens. Tiles fused
+independently therefore see other statistics and differ from the whole image by a few grey
+levels. Here the image is run in passes instead. Pass k runs every tile up to the k-th
+global layer, which adds the tile *core*'s share to that layer's whole-image statistics
+(channel attention: the q k^T sums and channel norms; ViT: the core tokens' keys and
+values) and stops. Once all tiles are in, the layer uses the finished statistics in every
+later pass. The last pass runs the tiles to the end and writes their cores. A family
+without global layers (MFDCE-Fuse: convolutions and windowed attention) needs one pass.
 
 Cores partition the (padded) image on the network's grid, so every pixel and token is
 counted once. Each tile adds a ``halo`` around its core that covers the receptive field of
@@ -18,15 +19,16 @@ about one tile forward pass per attention layer plus one, on tiles that grow by 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import build_sincos2d_pos_embed
-from timm.models.vision_transformer import Block
 from torch import nn
 
-from fusion.model import GLOBAL_ATTENTION, ChannelAttention, DAEFuse
+from fusion.models.layers import GLOBAL_ATTENTION, ChannelAttention, pad_to
+from fusion.progress import progress
 
 EPS = 1e-12  # as F.normalize
 
@@ -60,16 +62,19 @@ class _Tile:
 
 @dataclass
 class _Statistics:
-    """Whole-image attention statistics, layer by layer, and the tile being run."""
+    """Whole-image attention statistics, layer by layer, and the tile being run. A layer's
+    scale (pixels per feature cell or token) is read off its input's size."""
 
     height: int  # padded image, pixels
     width: int
-    stride: int  # pixels per feature cell (stem stride)
-    patch: int  # pixels per ViT token
     tile: _Tile | None = None
-    done: dict[int, object] = field(default_factory=dict)
-    partial: dict[int, list] = field(default_factory=dict)
+    done: dict[int, Any] = field(default_factory=dict)
+    partial: dict[int, Any] = field(default_factory=dict)
+    finals: dict[int, Callable[[Any], Any]] = field(default_factory=dict)
     gathering: int | None = None
+
+    def _scale(self, cells: int) -> int:
+        return (self.tile.y1 - self.tile.y0) // cells
 
     # -- channel attention ------------------------------------------------------------
     def channel_scores(self, layer: nn.Module, q: torch.Tensor, k: torch.Tensor
@@ -77,10 +82,11 @@ class _Statistics:
         key = id(layer)
         if key in self.done:
             return self.done[key]
-        ys, xs = self.tile.core_in(self.stride)
+        ys, xs = self.tile.core_in(self._scale(q.shape[-2]))
         qc, kc = q[..., ys, xs].flatten(3).double(), k[..., ys, xs].flatten(3).double()
         sums = [qc @ kc.transpose(-2, -1), qc.square().sum(-1), kc.square().sum(-1)]
-        self._gather(key, sums, lambda old, new: [o + n for o, n in zip(old, new, strict=True)])
+        self._gather(key, sums, lambda old, new: [o + n for o, n in zip(old, new, strict=True)],
+                     self._channel_final)
         raise _Collected
 
     @staticmethod
@@ -89,14 +95,17 @@ class _Statistics:
         norms = q2.sqrt().clamp_min(EPS)[..., :, None] * k2.sqrt().clamp_min(EPS)[..., None, :]
         return (gram / norms).float()
 
-    # -- ViT --------------------------------------------------------------------------
+    # -- ViT (timm Block) ---------------------------------------------------------------
     def positions(self, dim: int, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-        gh, gw = self.height // self.patch, self.width // self.patch
+        from timm.layers import build_sincos2d_pos_embed
+
+        patch = self._scale(grid[0])
+        gh, gw = self.height // patch, self.width // patch
         pos = build_sincos2d_pos_embed([gh, gw], dim, dtype=dtype).reshape(gh, gw, dim)
-        ty, tx = self.tile.y0 // self.patch, self.tile.x0 // self.patch
+        ty, tx = self.tile.y0 // patch, self.tile.x0 // patch
         return pos[ty:ty + grid[0], tx:tx + grid[1]].reshape(grid[0] * grid[1], dim)
 
-    def token_block(self, block: Block, tokens: torch.Tensor, grid: tuple[int, int]
+    def token_block(self, block: nn.Module, tokens: torch.Tensor, grid: tuple[int, int]
                     ) -> torch.Tensor:
         key = id(block)
         attn = block.attn
@@ -104,10 +113,11 @@ class _Statistics:
         if key not in self.done:
             x = block.norm1(tokens)
             kv = attn.qkv(x).reshape(n, count, 3, attn.num_heads, attn.head_dim)[:, :, 1:]
-            ys, xs = self.tile.core_in(self.patch)
+            ys, xs = self.tile.core_in(self._scale(grid[0]))
             core = kv.reshape(n, *grid, 2, attn.num_heads, attn.head_dim)[:, ys, xs]
             core = core.reshape(n, -1, 2, attn.num_heads, attn.head_dim)
-            self._gather(key, core, lambda old, new: torch.cat([old, new], 1))
+            self._gather(key, core, lambda old, new: torch.cat([old, new], 1),
+                         lambda kv: self._token_final(kv, block))
             raise _Collected
         k, v = self.done[key]
         x = block.norm1(tokens)
@@ -118,23 +128,23 @@ class _Statistics:
         return tokens + block.ls2(block.mlp(block.norm2(tokens)))
 
     @staticmethod
-    def _token_final(kv: torch.Tensor, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
+    def _token_final(kv: torch.Tensor, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (n, heads, tokens, head_dim) each
         return block.attn.k_norm(k), v
 
     # -- bookkeeping ------------------------------------------------------------------
-    def _gather(self, key: int, value, combine) -> None:
+    def _gather(self, key: int, value: Any, combine: Callable[[Any, Any], Any],
+                final: Callable[[Any], Any]) -> None:
         if self.gathering not in (None, key):
             raise RuntimeError("tiles reached different attention layers in one pass")
         self.gathering = key
         self.partial[key] = combine(self.partial[key], value) if key in self.partial else value
+        self.finals[key] = final
 
-    def finish(self, layers: dict[int, nn.Module]) -> None:
+    def finish(self) -> None:
+        """The layer gathered in this pass has all tiles' statistics: finalise them."""
         key, self.gathering = self.gathering, None
-        value = self.partial.pop(key)
-        layer = layers[key]
-        self.done[key] = (self._token_final(value, layer) if isinstance(layer, Block)
-                          else self._channel_final(value))
+        self.done[key] = self.finals.pop(key)(self.partial.pop(key))
 
 
 def _tiles(height: int, width: int, size: int, halo: int, grid: int) -> list[_Tile]:
@@ -150,29 +160,31 @@ def _tiles(height: int, width: int, size: int, halo: int, grid: int) -> list[_Ti
 
 
 @torch.inference_mode()
-def fuse_tiled(model: DAEFuse, a: torch.Tensor, b: torch.Tensor, size: int, halo: int
+def fuse_tiled(model: nn.Module, a: torch.Tensor, b: torch.Tensor, size: int, halo: int
                ) -> torch.Tensor:
     """Fuse (1, 1, H, W) tensors tile by tile, equal to ``model.fuse(a, b)`` up to rounding.
 
     ``size`` bounds the tile side (core plus halo on both sides); ``halo`` is rounded up to
-    the network's grid (ViT patch times stem stride).
+    the network's grid (``model.multiple``: stem stride times ViT patch or Swin window).
     """
     grid = model.multiple
     h, w = a.shape[-2:]
-    ap, _ = model.pad(a)
-    bp, _ = model.pad(b)
+    ap, _ = pad_to(a, grid)
+    bp, _ = pad_to(b, grid)
     height, width = ap.shape[-2:]
     halo = -(-halo // grid) * grid
-    stats = _Statistics(height, width, model.params.stem_stride,
-                        model.params.vit_patch * model.params.stem_stride)
-    layers = {id(m): m for m in model.modules() if isinstance(m, Block | ChannelAttention)}
+    stats = _Statistics(height, width)
     tiles = _tiles(height, width, size, halo, grid)
     out = torch.zeros(1, 1, height, width, device=a.device)
+    passes = 1 + sum(isinstance(m, ChannelAttention) or type(m).__name__ == "Block"
+                     for m in model.modules())  # at most: one per global layer, plus the last
+    bar = progress(range(passes * len(tiles)), "tiles", unit="tile")
     token = GLOBAL_ATTENTION.set(stats)
     try:
         while True:
             finished = 0
             for tile in tiles:
+                next(bar, None)
                 stats.tile = tile
                 try:
                     fused = model.fuse(ap[..., tile.y0:tile.y1, tile.x0:tile.x1],
@@ -184,10 +196,11 @@ def fuse_tiled(model: DAEFuse, a: torch.Tensor, b: torch.Tensor, size: int, halo
                     fused[..., ys, xs]
                 finished += 1
             if stats.gathering is None:
+                bar.close()
                 return out[..., :h, :w]
             if finished:
                 raise RuntimeError("tiles reached different attention layers in one pass")
-            stats.finish(layers)
+            stats.finish()
     finally:
         GLOBAL_ATTENTION.reset(token)
 

@@ -1,7 +1,7 @@
-"""Entry point MLflow runs when it loads a logged DAE-Fuse model ("models from code")."""
+"""Entry point MLflow runs when it loads a logged fusion model ("models from code")."""
 
 from mlflow.models import set_model
 
-from fusion.serving import FusionPyfunc
+from fusion.mlops.registry import pyfunc_class
 
-set_model(FusionPyfunc())
+set_model(pyfunc_class()())

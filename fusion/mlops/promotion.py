@@ -1,12 +1,20 @@
 """``fusion promote``: move the ``champion`` alias only when the measurements say so.
 
-Challenger and champion are loaded from the registry and re-scored on the same benchmark
-sets (``promote.sets`` of ``evaluate.sets``). The gain of a metric is its relative change
-(sign flipped for MSE, where lower is better); the challenger is promoted when the
-weighted mean gain over all sets reaches ``promote.min_improvement`` and no weighted
-metric drops by more than ``promote.max_drop`` on any set. The decision and the numbers
-are written as tags on the challenger version either way; the first version becomes
-champion. Each decision records the champion it replaced, which ``--rollback`` restores.
+Challenger and champion are loaded from the registry and re-scored, with the mean and max
+fusion baselines, on the same benchmark sets (``promote.sets`` of ``evaluate.sets``). The
+gain of a metric is its relative change (``fusion.evaluation.gain``). The challenger is
+promoted when
+
+1. the floor holds: on every set, its weighted gain over the ``promote.floor`` baseline
+   (mean fusion by default) is positive, even when there is no champion yet;
+2. against a champion, the weighted mean gain over all sets reaches
+   ``promote.min_improvement`` and no weighted metric drops by more than
+   ``promote.max_drop`` on any set.
+
+The decision and the numbers are written as tags on the challenger version either way.
+Each decision records the champion it replaced, which ``--rollback`` restores. A
+challenger older than the newest version the pipeline registered is not judged: that
+registration did not finish (rerun ``fusion register``).
 
 Aliases are single pointers, so each move is atomic; promotions from this machine are also
 serialised by a file lock, and a promotion re-reads the aliases after taking it, so two
@@ -24,14 +32,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
+from typing import Any
 
 from fusion.errors import FusionError
+from fusion.evaluation.gain import relative_gain, weighted_gain
+from fusion.mlops.tracking import CHALLENGER, CHAMPION, REGISTRATION, answering, connect
 from fusion.params import Params, PromoteParams
-from fusion.tracking import CHALLENGER, CHAMPION, connect
-from fusion.validation import LOWER_IS_BETTER
 
 
 @dataclass
@@ -40,6 +46,20 @@ class Decision:
     score: float  # weighted mean relative gain
     reason: str
     gains: dict[str, dict[str, float]]  # {set: {metric: relative gain}}
+
+
+def floor(challenger: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]],
+          rule: PromoteParams) -> Decision | None:
+    """A rejection when the challenger's weighted gain over the baseline is not positive
+    on some set (None: the floor holds)."""
+    scores = {name: weighted_gain(ours, baseline[name], rule.weights)
+              for name, ours in challenger.items()}
+    for name, score in scores.items():
+        if not math.isfinite(score) or score <= 0:
+            return Decision(False, score, f"below {rule.floor} fusion on {name}: weighted "
+                            f"gain {score:+.2%} (floor: promote.floor={rule.floor})",
+                            {"floor": scores})
+    return None
 
 
 def decide(challenger: dict[str, dict[str, float]], champion: dict[str, dict[str, float]],
@@ -52,10 +72,7 @@ def decide(challenger: dict[str, dict[str, float]], champion: dict[str, dict[str
         theirs = champion[name]
         gains[name] = {}
         for w in rule.weights:
-            base = theirs[w.metric]
-            gain = (ours[w.metric] - base) / max(abs(base), 1e-12)
-            if w.metric in LOWER_IS_BETTER:
-                gain = -gain
+            gain = relative_gain(ours[w.metric], theirs[w.metric], w.metric)
             gains[name][w.metric] = gain
             if not math.isfinite(gain):  # e.g. a model that outputs NaN
                 return Decision(False, math.nan, f"{w.metric} on {name} is not finite for "
@@ -76,13 +93,16 @@ def decide(challenger: dict[str, dict[str, float]], champion: dict[str, dict[str
 
 
 @contextmanager
-def _registry(params: Params) -> Iterator[tuple[MlflowClient, str]]:
-    """(client, model name) while holding this machine's lock for that model's aliases."""
-    name = params.mlflow.model_name
-    uri = connect(params.mlflow.tracking_uri)
+def _registry(params: Params) -> Iterator[tuple[Any, str]]:
+    """(client, model name) while holding this machine's lock for that model's aliases;
+    a tracking server that stops answering is a TransientError (exit 75)."""
+    from mlflow import MlflowClient
+
+    name = params.model_name
+    uri = connect(params.mlflow)
     key = hashlib.sha256(f"{uri}|{name}".encode()).hexdigest()[:16]
     path = Path(tempfile.gettempdir()) / f"fusion-promote-{key}.lock"
-    with path.open("w") as fh:
+    with path.open("w") as fh, answering(uri):
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield MlflowClient(), name
@@ -90,25 +110,42 @@ def _registry(params: Params) -> Iterator[tuple[MlflowClient, str]]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _alias(client: MlflowClient, name: str, alias: str) -> str | None:
+def _alias(client: Any, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+            return None
+        raise
 
 
-def _scores(params: Params, version: str) -> dict[str, dict[str, float]]:
-    from fusion.evaluate import score_model
-    from fusion.serving import load_fusion_model
+def _scores(params: Params, versions: dict[str, str]) -> dict[str, dict[str, dict[str, float]]]:
+    """{set: {label: {metric: mean}}} of registry versions ({label: version}) and the
+    baselines, fused and scored on the promotion sets."""
+    from fusion.evaluation.evaluate import Candidate, score_sets
+    from fusion.inference.fuse import TileSpec, TorchEngine
+    from fusion.mlops.registry import load_ref
 
     wanted = params.promote.sets
     sets = [s for s in params.evaluate.sets if not wanted or s.name in wanted]
     missing = sorted(set(wanted) - {s.name for s in sets})
     if missing or not sets:
         raise FusionError(f"promote.sets: {missing or wanted} not in evaluate.sets")
-    model = load_fusion_model(f"models:/{params.mlflow.model_name}/{version}")
+    candidates = []
+    for label, version in versions.items():
+        family, model = load_ref(params, f"models:/{params.model_name}/{version}")
+        candidates.append(Candidate(label, TorchEngine(model, family,
+                                                       TileSpec(params.evaluate.tile))))
     with tempfile.TemporaryDirectory() as tmp:
-        return score_model(model, sets, params, Path(tmp))
+        return score_sets(candidates, sets, params, Path(tmp))[0]
+
+
+def _newest_registered(client: Any, name: str) -> str | None:
+    versions = [int(v.version) for v in client.search_model_versions(f"name = '{name}'")
+                if REGISTRATION in v.tags]
+    return str(max(versions)) if versions else None
 
 
 def promote(params: Params) -> dict:
@@ -118,17 +155,13 @@ def promote(params: Params) -> dict:
         if challenger is None:
             raise FusionError(f"model {name!r} has no {CHALLENGER!r} version to promote "
                               "(run the register stage first)")
+        newest = _newest_registered(client, name)
+        if newest is not None and int(newest) > int(challenger):
+            raise FusionError(f"model {name!r}: the challenger is version {challenger}, but "
+                              f"version {newest} is newer and has no alias (an interrupted "
+                              "registration); rerun `fusion register` first")
         champion = _alias(client, name, CHAMPION)
-        if champion is None:
-            decision = Decision(True, 0.0, "first version: no champion yet", {})
-            numbers: dict = {}
-        elif champion == challenger:
-            decision = Decision(True, 0.0, "already champion", {})
-            numbers = {}
-        else:
-            ours, theirs = _scores(params, challenger), _scores(params, champion)
-            decision = decide(ours, theirs, params.promote)
-            numbers = {"challenger": ours, "champion": theirs, "gains": decision.gains}
+        decision, numbers = _judge(params, challenger, champion)
         tags = {"promotion.decision": "promoted" if decision.promote else "rejected",
                 "promotion.reason": decision.reason, "promotion.score": f"{decision.score:.6f}",
                 "promotion.compared_to": champion or "none",
@@ -144,6 +177,30 @@ def promote(params: Params) -> dict:
             "champion": challenger if decision.promote else champion,
             "promoted": decision.promote, "score": decision.score, "reason": decision.reason,
             "numbers": numbers}
+
+
+def _judge(params: Params, challenger: str, champion: str | None) -> tuple[Decision, dict]:
+    """The decision on a challenger, and the numbers it rests on."""
+    rule = params.promote
+    if champion == challenger:
+        return Decision(True, 0.0, "already champion", {}), {}
+    versions = {"challenger": challenger, **({"champion": champion} if champion else {})}
+    if rule.floor == "none" and champion is None:
+        return Decision(True, 0.0, "first version: no champion yet (no floor)", {}), {}
+    scores = _scores(params, versions)
+    ours = {name: methods["challenger"] for name, methods in scores.items()}
+    numbers: dict[str, Any] = {"challenger": ours}
+    if rule.floor != "none":
+        numbers["baseline"] = {name: methods[rule.floor] for name, methods in scores.items()}
+        rejected = floor(ours, numbers["baseline"], rule)
+        if rejected is not None:
+            return rejected, {**numbers, "floor": rejected.gains["floor"]}
+    if champion is None:
+        return Decision(True, 0.0, f"first version: no champion yet; above {rule.floor} "
+                                   "fusion on every set", {}), numbers
+    theirs = {name: methods["champion"] for name, methods in scores.items()}
+    decision = decide(ours, theirs, rule)
+    return decision, {**numbers, "champion": theirs, "gains": decision.gains}
 
 
 def rollback(params: Params) -> dict:

@@ -1,9 +1,12 @@
-"""DAE-Fuse losses (DESIGN.md section 3), each a small function of tensors.
+"""Loss terms the families share, each a small function of tensors.
 
-Images are (N, 1, H, W) in [0, 1]; discriminator outputs are logits (N,).
+Images are (N, 1, H, W) in [0, 1]; discriminator outputs are logits (N,). The formulas are
+DESIGN.md section 3 (DAE-Fuse), with CDDFuse's and MFDCE-Fuse's terms beside them.
 """
 
 from __future__ import annotations
+
+import math
 
 import kornia.filters
 import kornia.metrics
@@ -24,16 +27,26 @@ def correlation(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-6) -> torch.Te
     return cc.clamp(-1.0, 1.0).mean()
 
 
-def decomposition_loss(hf_a, hf_b, lf_a, lf_b) -> torch.Tensor:
-    """L_corr = CC(DHE_a, DHE_b)^2 / (CC(DLE_a, DLE_b) + 1.01): decorrelate high-frequency
-    features across modalities, correlate low-frequency ones (eq. 8, from CDDFuse)."""
-    return correlation(hf_a, hf_b) ** 2 / (correlation(lf_a, lf_b) + 1.01)
+def decomposition_loss(detail_a, detail_b, base_a, base_b) -> torch.Tensor:
+    """CC(detail_a, detail_b)^2 / (CC(base_a, base_b) + 1.01): decorrelate the modalities'
+    high-frequency (detail) features, correlate the low-frequency (base) ones (CDDFuse's
+    correlation-driven loss, DAE-Fuse eq. 8)."""
+    return correlation(detail_a, detail_b) ** 2 / (correlation(base_a, base_b) + 1.01)
+
+
+def ssim_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """1 - SSIM (11x11 Gaussian window, kornia)."""
+    return 1.0 - kornia.metrics.ssim(x, y, window_size=11, max_val=1.0).mean()
 
 
 def content_loss(x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
-    """||x - x~||^2 + (1 - SSIM(x, x~)) for one modality (eq. 9); SSIM from kornia."""
-    ssim = kornia.metrics.ssim(x, x_rec, window_size=11, max_val=1.0).mean()
-    return F.mse_loss(x_rec, x) + (1.0 - ssim)
+    """||x - x~||^2 + (1 - SSIM(x, x~)) for one modality (DAE-Fuse eq. 9)."""
+    return F.mse_loss(x_rec, x) + ssim_loss(x, x_rec)
+
+
+def gradient_loss(x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
+    """L1 between the (normalised Sobel) spatial gradients of two images (CDDFuse stage I)."""
+    return F.l1_loss(kornia.filters.spatial_gradient(x_rec), kornia.filters.spatial_gradient(x))
 
 
 def texture_loss(f: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -42,9 +55,21 @@ def texture_loss(f: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
     return (grad(f) - torch.maximum(grad(a), grad(b))).abs().mean()
 
 
-def intensity_loss(f: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """L_int = mean |F - max(a, b)| (eq. 16)."""
-    return (f - torch.maximum(a, b)).abs().mean()
+def low_pass(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur (reflect border); ``sigma`` 0 returns ``x``."""
+    if sigma <= 0:
+        return x
+    size = 2 * math.ceil(3 * sigma) + 1
+    return kornia.filters.gaussian_blur2d(x, (size, size), (sigma, sigma), border_type="reflect")
+
+
+def intensity_loss(f: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   sigma: float = 0.0) -> torch.Tensor:
+    """L_int = mean |F - max(a, b)| (eq. 16), compared on low-pass images when ``sigma`` > 0:
+    the brighter source sets the *base* intensity and the texture term sets the detail, so
+    the two terms no longer pull the detail in different directions."""
+    fl, al, bl = (low_pass(x, sigma) for x in (f, a, b))
+    return (fl - torch.maximum(al, bl)).abs().mean()
 
 
 def discriminator_loss(d1_real, d1_fake, d2_real, d2_fake) -> torch.Tensor:
@@ -55,3 +80,12 @@ def discriminator_loss(d1_real, d1_fake, d2_real, d2_fake) -> torch.Tensor:
 def generator_adversarial(d1_fake, d2_fake) -> torch.Tensor:
     """Non-saturating generator loss BCE(D1(fake), 1) + BCE(D2(fake), 1)."""
     return bce(d1_fake, True) + bce(d2_fake, True)
+
+
+def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float = 0.1
+             ) -> torch.Tensor:
+    """InfoNCE over a batch: row i of ``queries`` should match row i of ``keys`` better than
+    any other row (cosine similarity / temperature, cross-entropy). (N, D) each."""
+    q, k = F.normalize(queries.flatten(1), dim=1), F.normalize(keys.flatten(1), dim=1)
+    logits = q @ k.t() / temperature
+    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))

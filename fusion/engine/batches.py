@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from fusion.data.shards import decode_patches, shard_paths
 from fusion.errors import FusionError
-from fusion.shards import decode_patches, shard_paths
 
 
 class PatchStream:

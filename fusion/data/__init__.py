@@ -1,0 +1,1 @@
+"""Data stage: finding pairs, reading images, ``prepare`` into Parquet patch shards."""

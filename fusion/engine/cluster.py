@@ -1,0 +1,108 @@
+"""Joining or starting Ray, and what every Ray Train worker sets up first.
+
+Ray is imported here, on first use, never when the package is imported. With no address
+configured (``--address``, ``ray.address``, ``$RAY_ADDRESS``) a run starts its own local
+instance (``address="local"``), so a stale session file of a dead cluster never turns
+into a failed connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+from urllib.parse import urlparse
+
+from fusion.errors import FusionError, TransientError
+from fusion.params import Params
+
+QUIET_LOGGERS = ("ray.train", "ray.tune", "ray.data", "ray.autoscaler",
+                 "ray.train.v2._internal.execution.preemption")
+WORKER_ENV = {
+    # workers use the installed environment, not a `uv run` copy of the working directory
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+    # one actor process less per run; a spot-instance notice is of no use here
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
+def connect(address: str = "") -> str:
+    """Join ``address`` (else ``$RAY_ADDRESS``) or start a local Ray instance; returns the
+    address joined ("local" for a new instance). Safe to call twice."""
+    for key, value in WORKER_ENV.items():
+        os.environ.setdefault(key, value)
+    import ray
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if ray.is_initialized():
+        return address or "local"
+    try:
+        ray.init(address=address or "local", logging_level="WARNING", log_to_driver=True,
+                 configure_logging=True)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise TransientError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from exc
+    return address or "local"
+
+
+def storage(params: Params) -> tuple[str, Any]:
+    """(path, pyarrow filesystem) of ``ray.storage_path``: S3 (custom endpoint, bounded
+    retries with backoff) or a local folder."""
+    import pyarrow.fs as pafs
+
+    path = params.ray.storage_path
+    url = urlparse(path)
+    if url.scheme == "s3":
+        return f"{url.netloc}{url.path}".rstrip("/"), s3_filesystem(params.ray.storage_endpoint)
+    if url.scheme not in ("", "file"):
+        raise FusionError(f"ray.storage_path {path!r}: only local folders and s3:// are supported")
+    from pathlib import Path
+
+    return str(Path(url.path if url.scheme else path).resolve()), pafs.LocalFileSystem()
+
+
+def s3_filesystem(endpoint: str = "") -> Any:
+    """pyarrow S3 filesystem: ``endpoint`` (else ``$AWS_ENDPOINT_URL``) for S3-compatible
+    stores; requests time out and are retried with backoff, so a short outage of the store
+    delays a read or a checkpoint instead of failing it."""
+    import pyarrow.fs as pafs
+
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
+    options: dict[str, Any] = {"connect_timeout": 10, "request_timeout": 30,
+                               "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=10)}
+    if endpoint:
+        options["endpoint_override"] = endpoint
+        if endpoint.startswith("http://"):
+            options["scheme"] = "http"
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        options["region"] = region
+    return pafs.S3FileSystem(**options)
+
+
+def scaling(params: Params) -> Any:
+    from ray.train import ScalingConfig
+
+    r = params.ray
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
+    return ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
+                         resources_per_worker=resources, placement_strategy=r.placement_strategy)
+
+
+def worker_setup(params: Params) -> tuple[int, int, Any]:
+    """What every Ray Train worker (training or a search trial) does first: torch threads
+    from ``ray.cpus_per_worker`` (Ray's default is 1), quiet logs; returns (rank, world
+    size, device)."""
+    import warnings
+
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    warnings.filterwarnings("ignore", message="Grad strides do not match")  # DDP, harmless
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    torch.set_num_threads(max(1, int(params.ray.cpus_per_worker)))
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()

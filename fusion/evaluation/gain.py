@@ -1,0 +1,35 @@
+"""Comparing metric means: per-metric means of many images, the relative gain of one
+fusion over another, and their weighted score. One rule for the search's validation
+score, the promotion gate and the promotion floor."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fusion.evaluation import LOWER_IS_BETTER
+
+
+def means(values: list[dict[str, float]]) -> dict[str, float]:
+    """Per-metric mean over images (the keys of the first image)."""
+    if not values:
+        return {}
+    return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+
+
+def relative_gain(ours: float, base: float, metric: str) -> float:
+    """(ours - base) / |base|, sign flipped where lower is better (MSE)."""
+    gain = (ours - base) / max(abs(base), 1e-12)
+    return -gain if metric in LOWER_IS_BETTER else gain
+
+
+def weighted_gain(ours: dict[str, float], base: dict[str, float], weights) -> float:
+    """Weighted mean relative gain of ``ours`` over ``base`` (``weights``: MetricWeight
+    list); NaN when a value is not finite."""
+    total = weight_sum = 0.0
+    for w in weights:
+        total += w.weight * relative_gain(ours[w.metric], base[w.metric], w.metric)
+        weight_sum += w.weight
+    score = total / weight_sum if weight_sum else 0.0
+    return score if math.isfinite(score) else math.nan

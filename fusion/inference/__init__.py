@@ -1,0 +1,1 @@
+"""Inference: fusing images of any size and colour with any family, tiled or whole."""

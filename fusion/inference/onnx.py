@@ -1,0 +1,95 @@
+"""ONNX export and an onnxruntime engine: the whole-image path of a family, portable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusion.errors import BadInputError, FusionError
+from fusion.params import Params
+
+META = "fusion"  # ONNX metadata key: family, padding multiple
+
+
+def export_onnx(model: Any, family: Any, path: Path, opset: int = 17) -> Path:
+    """Write the network's whole-image fusion as ONNX with dynamic height and width.
+
+    The graph takes sources already padded to a multiple of the network's grid (the engine
+    pads and crops), so no size-dependent Python runs inside it."""
+    import onnx
+    import torch
+
+    class Whole(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.net.fuse(a, b)
+
+    m = model.multiple
+    example = (torch.rand(1, 1, 4 * m, 6 * m), torch.rand(1, 1, 4 * m, 6 * m))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with torch.inference_mode():
+            torch.onnx.export(Whole(model.eval()), example, str(tmp), input_names=["a", "b"],
+                              output_names=["fused"], opset_version=opset, dynamo=False,
+                              dynamic_axes={n: {2: "height", 3: "width"}
+                                            for n in ("a", "b", "fused")})
+        proto = onnx.load(str(tmp))
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = META, json.dumps({"family": family.name, "multiple": m})
+        onnx.save(proto, str(tmp))
+        tmp.replace(path)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise BadInputError(path, f"cannot write ({exc})") from exc
+        raise FusionError(f"{family.name}: the whole-image path does not export to ONNX "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+    return path
+
+
+class OnnxEngine:
+    """Fuses with an exported ONNX file in onnxruntime (CPU), whole images."""
+
+    explains = False
+
+    def __init__(self, session: Any, multiple: int, family: str) -> None:
+        self.session, self.multiple, self.family = session, multiple, family
+
+    @classmethod
+    def open(cls, path: str | Path, params: Params, threads: int = 0) -> OnnxEngine:
+        import onnxruntime as ort
+
+        path = Path(path)
+        if path.suffix != ".onnx" or not path.is_file():
+            raise BadInputError(path, "--engine onnxruntime needs an .onnx file from "
+                                      "`fusion export --onnx`")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BadInputError(path, f"not a readable ONNX model ({exc})") from exc
+        meta = json.loads(session.get_modelmeta().custom_metadata_map.get(META, "{}"))
+        if "multiple" not in meta:
+            raise BadInputError(path, "not a fusion model export (no fusion metadata)")
+        return cls(session, int(meta["multiple"]), meta["family"])
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        h, w = a.shape
+        ph, pw = -h % self.multiple, -w % self.multiple
+        mode = "reflect" if ph < h and pw < w else "edge"
+        planes = [np.pad(x.astype(np.float32), ((0, ph), (0, pw)), mode=mode)[None, None]
+                  for x in (a, b)]
+        (fused,) = self.session.run(None, {"a": planes[0], "b": planes[1]})
+        return np.clip(fused[0, 0, :h, :w], 0.0, 1.0)
+
+    def explain(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise FusionError("--explain needs --engine torch")

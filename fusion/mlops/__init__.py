@@ -1,0 +1,1 @@
+"""MLOps edge: MLflow tracking and registry, promotion, the loss-weight search."""

@@ -1,0 +1,184 @@
+"""MFDCE-Fuse as we read its abstract: a CNN + Swin auto-encoder whose features split into
+modal-common and modal-private parts, and a fused image that is the sources weighted by
+their contribution, the share of private-feature energy at each pixel.
+
+    w_A = E_A^g / (E_A^g + E_B^g),  E_x = box-mean over ``smooth`` cells of |private_x|^2
+    F   = w_A * A + (1 - w_A) * B
+
+No black-box decoder makes the fused image: the contribution map is the explanation
+(``explain``), and where both sources are dark the fused pixel is dark. The decoder only
+serves the auto-encoder phase. Every layer is local (convolutions, shifted-window
+attention on a grid aligned to ``multiple``), so tiles reproduce the whole image.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.models.resnet import BasicBlock
+from timm.models.swin_transformer import SwinTransformerBlock
+from torch import nn
+
+from fusion.models import losses
+from fusion.models.layers import icnr_, pad_to
+from fusion.models.mfdce_fuse import AutoencoderLoss, FusionLoss, Net
+
+HEAD_CHANNELS = 8
+EPS = 1e-8
+
+
+class Swin(nn.Module):
+    """timm Swin blocks on an (N, C, H, W) map, for any size (dynamic masks)."""
+
+    def __init__(self, p: Net) -> None:
+        super().__init__()
+        w = p.window
+        self.blocks = nn.ModuleList(
+            SwinTransformerBlock(p.channels, (w, w), num_heads=p.swin_heads, window_size=w,
+                                 shift_size=(w // 2) * (i % 2), always_partition=True,
+                                 dynamic_mask=True, mlp_ratio=p.mlp_ratio)
+            for i in range(p.swin_blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.permute(0, 2, 3, 1)
+        for block in self.blocks:
+            t = block(t)
+        return t.permute(0, 3, 1, 2)
+
+
+class Contribution(nn.Module):
+    """Per-pixel contribution of source A from the private features of both sources."""
+
+    def __init__(self, smooth: int) -> None:
+        super().__init__()
+        self.smooth = smooth
+        self.log_gamma = nn.Parameter(torch.zeros(()))  # sharpness g = exp(log_gamma)
+
+    def forward(self, private_a: torch.Tensor, private_b: torch.Tensor) -> torch.Tensor:
+        energy = torch.stack([private_a.square().mean(1), private_b.square().mean(1)], 1)
+        energy = F.avg_pool2d(energy, self.smooth, stride=1, padding=self.smooth // 2,
+                              count_include_pad=False)
+        logits = self.log_gamma.exp() * torch.log(energy + EPS)
+        return logits.softmax(1)[:, :1]  # E_A^g / (E_A^g + E_B^g)
+
+
+class MFDCEFuse(nn.Module):
+    def __init__(self, p: Net) -> None:
+        super().__init__()
+        self.params = p
+        c, s2, half = p.channels, p.stem_stride ** 2, p.channels // 2
+        self.embed = nn.Conv2d(s2, c, 3, padding=1)
+        self.cnn = nn.Sequential(*(BasicBlock(c, c) for _ in range(p.cnn_blocks)))
+        self.swin = Swin(p)
+        self.merge = nn.Conv2d(2 * c, c, 1)
+        self.common = nn.Sequential(nn.Conv2d(c, half, 3, padding=1), nn.GELU(),
+                                    nn.Conv2d(half, half, 1))
+        self.private = nn.Sequential(nn.Conv2d(c, half, 3, padding=1), nn.GELU(),
+                                     nn.Conv2d(half, half, 1))
+        self.contribution = Contribution(p.smooth)
+        self.decoder = nn.Sequential(nn.Conv2d(c, c, 1),
+                                     *(BasicBlock(c, c) for _ in range(p.decoder_blocks)))
+        self.head = nn.Conv2d(c, s2 * HEAD_CHANNELS, 3, padding=1)
+        icnr_(self.head, p.stem_stride)
+        self.head_full = nn.Conv2d(HEAD_CHANNELS, 1, 3, padding=1)
+
+    @property
+    def multiple(self) -> int:
+        return self.params.stem_stride * self.params.window
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder features: the CNN and Swin branches side by side, merged."""
+        s = self.embed(F.pixel_unshuffle(x, self.params.stem_stride))
+        return self.merge(torch.cat([self.cnn(s), self.swin(s)], 1))
+
+    def split(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(common, private) parts of trunk features."""
+        return self.common(z), self.private(z)
+
+    def decode(self, common: torch.Tensor, private: torch.Tensor) -> torch.Tensor:
+        x = F.pixel_shuffle(self.head(self.decoder(torch.cat([common, private], 1))),
+                            self.params.stem_stride)
+        return torch.sigmoid(self.head_full(F.gelu(x)))
+
+    def weight(self, private: torch.Tensor) -> torch.Tensor:
+        """Contribution of A at full resolution, from the private parts of [A; B]."""
+        pa, pb = private.chunk(2)
+        w = self.contribution(pa, pb)
+        return F.interpolate(w, scale_factor=self.params.stem_stride, mode="bilinear",
+                             align_corners=False)
+
+    def explain(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The fused image and the contribution map of A (B's is 1 minus it)."""
+        ap, (h, w) = pad_to(a, self.multiple)
+        bp, _ = pad_to(b, self.multiple)
+        _, private = self.split(self.trunk(torch.cat([ap, bp])))
+        weight = self.weight(private)
+        fused = weight * ap + (1 - weight) * bp
+        return {"fused": fused[..., :h, :w], "contribution": weight[..., :h, :w]}
+
+    def fuse(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.explain(a, b)["fused"]
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, phase: int = 2) -> dict:
+        x = torch.cat([a, b])
+        z = self.trunk(x)
+        common, private = self.split(z)
+        out = {"z": z.chunk(2), "common": common.chunk(2), "private": private.chunk(2)}
+        if phase == 1:
+            ca, cb = out["common"]
+            rec = self.decode(common, private)
+            out["rec"] = rec.chunk(2)
+            out["swap"] = self.decode(torch.cat([cb, ca]), private).chunk(2)
+            out["z_rec"] = self.trunk(rec).chunk(2)
+            return out
+        weight = self.weight(private)
+        fused = weight * a + (1 - weight) * b
+        out.update(fused=fused, weight=weight, z_fused=self.trunk(fused))
+        return out
+
+
+def build(net: Net) -> MFDCEFuse:
+    return MFDCEFuse(net)
+
+
+def _embed(z: torch.Tensor) -> torch.Tensor:
+    """One vector per patch: global average of a feature map."""
+    return z.mean((2, 3))
+
+
+def disentangle_loss(out: dict, temperature: float) -> torch.Tensor:
+    """Common parts of A and B of one patch match each other better than other patches'
+    (InfoNCE both ways); private parts are orthogonal to each other and to the common ones
+    (mean squared cosine per pixel)."""
+    (ca, cb), (pa, pb) = out["common"], out["private"]
+    nce = (losses.info_nce(_embed(ca), _embed(cb), temperature)
+           + losses.info_nce(_embed(cb), _embed(ca), temperature)) / 2
+
+    def cos2(x, y):
+        return F.cosine_similarity(x, y, dim=1, eps=1e-6).square().mean()
+    return nce + cos2(pa, pb) + (cos2(ca, pa) + cos2(cb, pb)) / 2
+
+
+def losses_for(phase: int, a: torch.Tensor, b: torch.Tensor, out: dict,
+               w: AutoencoderLoss | FusionLoss, d_fake=None) -> dict[str, torch.Tensor]:
+    disentangle = disentangle_loss(out, w.temperature)
+    if phase == 1:
+        (rec_a, rec_b), (swap_a, swap_b) = out["rec"], out["swap"]
+        rec = sum(F.l1_loss(r, x) + losses.ssim_loss(x, r) for r, x in ((rec_a, a), (rec_b, b)))
+        swap = F.l1_loss(swap_a, a) + F.l1_loss(swap_b, b)
+        contrast = sum(losses.info_nce(_embed(zr), _embed(z), w.temperature)
+                       for zr, z in zip(out["z_rec"], out["z"], strict=True)) / 2
+        total = (w.w_rec * rec + w.w_contrast * contrast + w.w_swap * swap
+                 + w.w_disentangle * disentangle)
+        return {"loss": total, "rec": rec, "contrast": contrast, "swap": swap,
+                "disentangle": disentangle}
+    fused, weight = out["fused"], out["weight"]
+    (za, zb), zf = out["z"], out["z_fused"]
+    cell = F.avg_pool2d(weight, weight.shape[-1] // zf.shape[-1])  # weight per feature cell
+    percep = (cell * (zf - za).abs() + (1 - cell) * (zf - zb).abs()).mean()
+    text = losses.texture_loss(fused, a, b)
+    inten = losses.intensity_loss(fused, a, b, w.int_sigma)
+    total = (w.w_percep * percep + w.w_text * text + w.w_int * inten
+             + w.w_disentangle * disentangle)
+    return {"loss": total, "percep": percep, "text": text, "int": inten,
+            "disentangle": disentangle}

@@ -1,0 +1,146 @@
+"""The model registry: every fusion family the pipeline can train, by name (as timm's models).
+
+A family registers, once, from its own folder:
+
+- ``config``: the dataclass of its ``model.<family>`` section in params.yaml: network sizes
+  (``net``), the loss weights of each phase (``phase1``, ``phase2`` ...) and the default
+  search space over those weights;
+- ``phases``: its training recipe, one :class:`Phase` per phase: the parts it keeps frozen
+  (the rest are updated) and whether discriminators train beside it;
+- ``module``: where its torch code lives (imported on first use, so reading params and
+  checking inputs never imports torch), which defines ``build(net)``, ``losses(...)`` and,
+  for adversarial recipes, ``build_critic(net)``.
+
+``create_model`` and ``list_families`` are the registry's face; the engine, inference,
+evaluation and MLOps code only ever ask the registry, never a family by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from fusion.errors import FusionError
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of a recipe: what it leaves alone and what it is for."""
+
+    name: str  # e.g. "features", "fusion"
+    frozen: tuple[str, ...] = ()  # child modules of the network not updated in this phase
+    adversarial: bool = False  # discriminators (``build_critic``) train alongside
+    fuses: bool = True  # ends with a usable fusion model (scored by the search)
+
+
+@dataclass(frozen=True)
+class WeightRange:
+    """One tuned loss weight, ``phase<N>.<weight>`` of the family's section, and its range."""
+
+    name: str
+    low: float
+    high: float
+    log: bool = False  # sample on a log scale (weights spanning decades)
+
+    def __post_init__(self) -> None:
+        if not self.low < self.high or self.low < 0 or (self.log and self.low <= 0):
+            raise FusionError(f"search space {self.name}: need 0 <= low < high (low > 0 "
+                              f"with log), got [{self.low}, {self.high}]")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A registered model family."""
+
+    name: str  # registry key; the default registered-model name in MLflow
+    config: type  # dataclass of the ``model.<name>`` params section
+    phases: tuple[Phase, ...]
+    module: str  # dotted path of the torch code (build, losses, build_critic)
+    exact_tiling: bool = True  # tiled inference reproduces the whole image (fusion.inference)
+    warm_phases: tuple[int, ...] = ()  # phases a warm start runs (from train.init); () = all
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"paper": {...}}
+    pretrained: str = ""  # bundled starting checkpoint, relative to the family folder
+    explains: bool = False  # the network offers ``explain(a, b)`` (e.g. contribution maps)
+
+    def impl(self) -> ModuleType:
+        """The family's torch module (imported on first use)."""
+        return importlib.import_module(self.module)
+
+    def phase(self, number: int) -> Phase:
+        if not 1 <= number <= len(self.phases):
+            raise FusionError(f"{self.name}: phase must be 1..{len(self.phases)}, got {number}")
+        return self.phases[number - 1]
+
+    def runs_phase(self, number: int, warm: bool) -> bool:
+        """Whether a run trains ``number``: every phase from scratch, the recipe's
+        ``warm_phases`` when starting from a trained model."""
+        return not warm or not self.warm_phases or number in self.warm_phases
+
+    def loss(self, config: Any, number: int) -> Any:
+        """The loss weights of phase ``number`` in a config of this family."""
+        self.phase(number)
+        return getattr(config, f"phase{number}")
+
+    def check(self, config: Any, where: str) -> None:
+        """Every phase has its loss section and the search space names float weights of them."""
+        for number in range(1, len(self.phases) + 1):
+            if not hasattr(config, f"phase{number}"):
+                raise FusionError(f"{where}: no phase{number} loss section")
+        known = {f"phase{n}.{k}" for n in range(1, len(self.phases) + 1)
+                 for k, v in vars(getattr(config, f"phase{n}")).items() if isinstance(v, float)}
+        for r in config.search:
+            if r.name not in known:
+                raise FusionError(f"{where}.search: {r.name!r} is not a loss weight of "
+                                  f"{self.name}; known: {sorted(known)}")
+
+    def pretrained_path(self) -> Path | None:
+        if not self.pretrained:
+            return None
+        package = importlib.import_module(self.config.__module__)
+        folder = Path(package.__file__).parent / self.pretrained
+        return folder if (folder / "config.json").exists() else None
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Add a family (called by each family's package); a name registers once."""
+    if family.name in _FAMILIES and _FAMILIES[family.name] is not family:
+        raise ValueError(f"model family {family.name!r} is registered twice")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def _load() -> None:
+    import fusion.models  # noqa: F401  (its __init__ imports every family package)
+
+
+def list_families() -> list[str]:
+    _load()
+    return sorted(_FAMILIES)
+
+
+def get_family(name: str) -> Family:
+    _load()
+    try:
+        return _FAMILIES[name]
+    except KeyError:
+        raise FusionError(f"unknown model family {name!r}; known: {sorted(_FAMILIES)}") from None
+
+
+def create_model(family: str, net: Any = None, **sizes: Any):
+    """Build a family's fusion network (untrained), from its default sizes, the ``net``
+    dataclass given, and/or keyword overrides of single sizes (``channels=16``)."""
+    fam = get_family(family)
+    if net is None:
+        net = fam.config().net
+    if sizes:
+        from dataclasses import replace
+
+        net = replace(net, **sizes)
+    return fam.impl().build(net)
+
