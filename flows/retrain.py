@@ -25,30 +25,48 @@ from prefect.artifacts import create_markdown_artifact
 from flows.search import search
 from flows.tasks import dvc, flow_parser, fusion, has_remote, shared_ray, stage_env
 from fusion.errors import FusionError
-from fusion.metrics import ALL as METRICS
-from fusion.params import update_params_file
+from fusion.evaluation import EIGHT as METRICS
+from fusion.params import family_profile, load_params, update_params_file
 
 PROFILES = Path(__file__).with_name("profiles")
 TRAINING = ("train_phase1", "train_phase2", "evaluate", "register")
 
 
 def apply_params(repo: Path, params_file: str, profile: str) -> list[str]:
-    """Merge a params file and/or a profile into the repo's params.yaml (validated first,
-    so a bad one leaves params.yaml untouched); DVC then sees the values like any edit."""
-    applied = []
+    """Merge a params file and/or profiles (comma-separated: ``flows/profiles/<name>.yaml``,
+    else a profile of the family, e.g. ``tiny`` or ``paper``) into the repo's params.yaml,
+    validated as a whole first, so a bad one leaves params.yaml untouched; DVC then sees
+    the values like any edit."""
     sources = []
     if params_file and Path(repo, params_file).resolve() != (repo / "params.yaml").resolve():
         sources.append(Path(repo, params_file))
-    if profile:
-        sources.append(PROFILES / f"{profile}.yaml")
+    sources += [PROFILES / f"{name.strip()}.yaml" for name in profile.split(",") if name.strip()]
+    merged: dict[str, Any] = {}
     for source in sources:
-        if not source.exists():
-            known = sorted(p.stem for p in PROFILES.glob("*.yaml"))
-            raise FusionError(f"{source}: not found" + (f" (profiles: {known})"
-                                                         if source.parent == PROFILES else ""))
-        update_params_file(repo / "params.yaml", yaml.safe_load(source.read_text()) or {})
-        applied.append(str(source))
-    return applied
+        if source.exists():
+            _merge(merged, yaml.safe_load(source.read_text()) or {})
+        elif source.parent == PROFILES:
+            family = merged.get("model", {}).get("family") or load_params(
+                repo / "params.yaml").model.family
+            try:
+                _merge(merged, family_profile(family, source.stem))
+            except FusionError as exc:
+                known = sorted(p.stem for p in PROFILES.glob("*.yaml"))
+                raise FusionError(f"profile {source.stem!r}: not in {PROFILES.name}/ "
+                                  f"(profiles: {known}), and {exc}") from None
+        else:
+            raise FusionError(f"{source}: not found")
+    if merged:
+        update_params_file(repo / "params.yaml", merged)
+    return [str(s) for s in sources]
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def metric_table(summary: dict[str, Any]) -> str:
@@ -68,7 +86,8 @@ def report(repo: Path, status: dict[str, Any], decision: dict[str, Any] | None) 
                 f"version {status['champion']} of `{status['model']}` was trained "
                 f"(fingerprint `{status['fingerprint'][:12]}`).\n")
     verdict = "promoted to champion" if decision["promoted"] else "not promoted"
-    summary = json.loads((repo / "reports/metrics.json").read_text())
+    params = load_params(repo / "params.yaml")
+    summary = json.loads((repo / params.evaluate.out / "summary.json").read_text())
     return (f"# Retraining: `{decision['model']}` version {decision['challenger']} {verdict}\n\n"
             f"- reason: {decision['reason']}\n- champion now: version {decision['champion']} "
             f"(before: {decision['champion_before'] or 'none'})\n"

@@ -140,7 +140,7 @@ class EvaluateParams:
     sets: list[BenchmarkSet] = field(default_factory=_default_sets)
     out: str = "reports/eval"  # per-image parquet, report.md, fused images
     grids: str = "reports/grids"  # one PNG per set (A | B | fused) for `dvc plots`
-    summary: str = "reports/metrics.json"  # per-set means for `dvc metrics show`
+    summary: str = "reports/metrics"  # <set>.json, <set>-mean.json ... for `dvc metrics show`
     grid_rows: int = 4  # pairs shown per grid image
     tile: int = 1024
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,15 +40,13 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-TINY_NETS = {
-    "dae-fuse": {"channels": 8, "heads": 2, "se_blocks": 1, "dhe_blocks": 1, "vit_patch": 4,
-                 "vit_dim": 16, "vit_depth": 1, "vit_heads": 2, "decoder_blocks": 1,
-                 "disc_channels": 8, "disc_layers": 2},
-    "cddfuse": {"dim": 8, "heads": 2, "encoder_blocks": 1, "decoder_blocks": 1,
-                "detail_layers": 1, "fuse_detail_layers": 1},
-    "mfdce-fuse": {"channels": 8, "cnn_blocks": 1, "swin_blocks": 2, "swin_heads": 2,
-                   "window": 4, "decoder_blocks": 1, "smooth": 3},
-}
+def _tiny_nets() -> dict[str, dict]:
+    from fusion.models import get_family, list_families
+
+    return {f: get_family(f).profiles["tiny"]["net"] for f in list_families()}
+
+
+TINY_NETS = _tiny_nets()  # each family's `tiny` profile
 TINY_MODEL = TINY_NETS["dae-fuse"]
 
 
@@ -146,12 +145,24 @@ def ray_cluster(s3_server):
     import ray
     from ray.cluster_utils import Cluster
 
+    from fusion.engine.cluster import WORKER_ENV
+
+    for key, value in WORKER_ENV.items():  # the Ray processes inherit them
+        os.environ.setdefault(key, value)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, logging_level="WARNING")
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None,
+            timeout: int = 600) -> subprocess.CompletedProcess:
+    """``fusion ARGS`` in a fresh interpreter, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "fusion.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
 
 
 def run_cmd(*cmd: str, cwd: Path) -> str:

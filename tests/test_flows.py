@@ -215,15 +215,16 @@ def test_profiles_and_params_files_merge_into_params_yaml(tmp_path):
     repo = tmp_path
     shutil.copy2(REPO / "params.yaml", repo / "params.yaml")
     before = (repo / "params.yaml").read_text()
-    (repo / "override.yaml").write_text("loss: {w_adv: 0.3}\n")
-    apply_params(repo, "override.yaml", "quality")
+    (repo / "override.yaml").write_text("model: {dae-fuse: {phase2: {w_adv: 0.3}}}\n")
+    apply_params(repo, "override.yaml", "quality,tiny")
     params = load_params(repo / "params.yaml")
-    assert params.loss.w_adv == 0.3 and params.train.phase1_steps == 500
-    assert "# phase II adversarial" in (repo / "params.yaml").read_text()  # comments kept
+    assert params.config.phase2.w_adv == 0.3 and params.train.steps == [500, 500]
+    assert params.config.net.channels == 8  # the family's tiny profile
+    assert "# lossless pixel-unshuffle" in (repo / "params.yaml").read_text()  # comments kept
     (repo / "params.yaml").write_text(before)
-    (repo / "bad.yaml").write_text("loss: {sigma: 3.0}\n")
+    (repo / "bad.yaml").write_text("model: {dae-fuse: {phase1: {sigma: 3.0}}}\n")
     with pytest.raises(FusionError, match="sigma"):
-        apply_params(repo, "bad.yaml", "")
+        apply_params(repo, "bad.yaml", "quality")
     assert (repo / "params.yaml").read_text() == before  # untouched on a bad override
     with pytest.raises(FusionError, match="profiles"):
         apply_params(repo, "params.yaml", "nope")

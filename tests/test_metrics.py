@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusion.evaluation import EIGHT, METRICS
-from fusion.evaluation import metrics
+from fusion.evaluation import EIGHT, METRICS, metrics
 from fusion.evaluation.scoring import read_grey
 from tests import reference_metrics as ref
 

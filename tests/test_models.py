@@ -9,8 +9,7 @@ import torch
 
 from fusion.data.images import SourceImage, rgb_to_ycbcr, to_unit
 from fusion.inference.fuse import TileSpec, TorchEngine, fuse_images
-from fusion.models import create_model, get_family, list_families
-from fusion.models import losses
+from fusion.models import create_model, get_family, list_families, losses
 from tests.conftest import TINY_NETS, textured
 
 FAMILIES = list_families()
@@ -100,8 +99,8 @@ def test_a_tile_smaller_than_its_halo_is_refused():
 
 
 def test_discriminators_give_one_logit_per_image():
-    from fusion.models.dae_fuse.net import build_critic
     from fusion.models.dae_fuse import Net
+    from fusion.models.dae_fuse.net import build_critic
 
     d1, d2 = build_critic(Net(**TINY_NETS["dae-fuse"]))(torch.rand(3, 1, 48, 48),
                                                          torch.rand(3, 1, 64, 64))

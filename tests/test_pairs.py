@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from fusion.errors import FusionError
 from fusion.data.pairs import discover, match_stems
+from fusion.errors import FusionError
 from tests.conftest import save, textured
 
 

@@ -2,8 +2,8 @@
 
 import math
 
+from fusion.mlops.promotion import decide, floor
 from fusion.params import MetricWeight, PromoteParams
-from fusion.promotion import decide
 
 RULE = PromoteParams(weights=[MetricWeight("VIF", 1.0), MetricWeight("MSE", 1.0)],
                      min_improvement=0.01, max_drop=0.05)
@@ -33,3 +33,16 @@ def test_guard_rejects_a_large_drop_on_one_set_despite_a_large_mean_gain():
 def test_non_finite_metrics_are_rejected():
     d = decide({"tno": {"VIF": float("nan"), "MSE": 1.0}, "mri": CHAMP["mri"]}, CHAMP, RULE)
     assert not d.promote and "not finite" in d.reason
+
+
+def test_the_floor_needs_a_positive_gain_over_the_baseline_on_every_set():
+    rule = PromoteParams(weights=[MetricWeight("VIF", 1.0), MetricWeight("MSE", 1.0)])
+    baseline = {"tno": {"VIF": 0.5, "MSE": 100.0}, "mri": {"VIF": 0.4, "MSE": 50.0}}
+    above = {"tno": {"VIF": 0.6, "MSE": 90.0}, "mri": {"VIF": 0.41, "MSE": 50.0}}
+    assert floor(above, baseline, rule) is None
+    below_on_one = {"tno": {"VIF": 0.9, "MSE": 10.0}, "mri": {"VIF": 0.4, "MSE": 51.0}}
+    d = floor(below_on_one, baseline, rule)
+    assert not d.promote and d.reason.startswith("below mean fusion on mri: weighted gain -1.00%")
+    assert floor(baseline, baseline, rule) is not None  # as good as the baseline is not enough
+    nan = {"tno": {"VIF": float("nan"), "MSE": 1.0}, "mri": above["mri"]}
+    assert not floor(nan, baseline, rule).promote

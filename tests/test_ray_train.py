@@ -16,16 +16,16 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from fusion.distributed import Fault, storage, train_ray
+from fusion.engine.cluster import storage
+from fusion.engine.ray_runner import Fault, train_ray
+from fusion.engine.runs import run_name
 from fusion.errors import FusionError
 from fusion.params import Params, RayParams
-from fusion.runs import run_name
 
 
 def _ray_params(base: Params, tmp: Path, **ray) -> Params:
     """``base`` (its prepared data) with outputs under ``tmp`` and the given Ray settings."""
-    train = replace(base.train, phase1_out=str(tmp / "phase1"), phase2_out=str(tmp / "phase2"),
-                    curves=str(tmp / "reports"))
+    train = replace(base.train, out=str(tmp / "models"), curves=str(tmp / "reports"))
     return replace(base, train=train,
                    ray=RayParams(**{"storage_path": str(tmp / "ray"), "max_failures": 1, **ray}))
 
@@ -59,20 +59,21 @@ def test_two_workers_on_two_nodes_train_both_phases(two_node_run, ray_cluster):
     assert len(workers) == 2 and len(set(workers.values())) == 2  # one worker per node
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert set(workers.values()) <= nodes
-    for phase, out in ((1, params.train.phase1_out), (2, params.train.phase2_out)):
-        config = json.loads((Path(out) / "config.json").read_text())
+    for phase in (1, 2):
+        config = json.loads((params.train.phase_out(phase) / "config.json").read_text())
         assert config["steps"] == 30 and config["run"].startswith(f"train_phase{phase}-")
-        assert (Path(out) / "model.safetensors").exists()
+        assert (params.train.phase_out(phase) / "model.safetensors").exists()
         curve = _curve(Path(params.train.curves) / f"phase{phase}_curve.csv")
         assert max(curve) == 30
     # keep_checkpoints=2: only the last two checkpoints remain in storage
     run = Path(params.ray.storage_path) / run_name(params, 2, workers=2)
-    assert sorted(p.name for p in run.glob("step-*")) == ["step-0000020", "step-0000030"]
+    assert sorted(p.relative_to(run).as_posix() for p in run.glob("attempt-*/step-*")) == [
+        "attempt-001/step-0000020", "attempt-001/step-0000030"]
 
 
 def test_rerun_of_a_finished_run_exports_without_training(two_node_run):
     params, _ = two_node_run
-    out = Path(params.train.phase2_out)
+    out = params.train.phase_out(2)
     before = load_file(out / "model.safetensors")
     (out / "model.safetensors").unlink()
     train_ray(params, 2)
@@ -91,25 +92,29 @@ def test_worker_death_resumes_from_s3_checkpoint(two_node_run, s3_server, tmp_pa
     fault = Fault(step=15, marker=str(tmp_path / "fault-fired"), rank=1)
     train_ray(params, 1, fault=fault)
     assert Path(fault.marker).exists()
-    config = json.loads((Path(params.train.phase1_out) / "config.json").read_text())
+    config = json.loads((params.train.phase_out(1) / "config.json").read_text())
     assert config["steps"] == 30 and config["resumed_at"] == [10]
-    ours = load_file(Path(params.train.phase1_out) / "model.safetensors")
-    theirs = load_file(Path(clean.train.phase1_out) / "model.safetensors")
+    ours = load_file(params.train.phase_out(1) / "model.safetensors")
+    theirs = load_file(clean.train.phase_out(1) / "model.safetensors")
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="ckpt", Prefix="runs/")["Contents"]]
     states = sorted(k for k in keys if k.endswith("/state.pt"))
     assert [k.split("/")[-2] for k in states] == ["step-0000020", "step-0000030"]
-    for key in states:  # every stored checkpoint loads
+    for key in states:  # every stored checkpoint loads, and matches its manifest
         body = s3.get_object(Bucket="ckpt", Key=key)["Body"].read()
+        manifest = s3.get_object(Bucket="ckpt", Key=key.replace("state.pt", "manifest.json"))
+        assert json.loads(manifest["Body"].read())["bytes"] == len(body)
         assert torch.load(io.BytesIO(body), weights_only=True)["phase"] == 1
 
 
-def test_one_worker_matches_the_single_process_loop(ray_cluster, tiny_run, tmp_path):
-    params = _ray_params(tiny_run, tmp_path, num_workers=1)
+def test_one_worker_matches_the_single_process_loop(ray_cluster, tiny_runs, tmp_path):
+    """A family other than DAE-Fuse (no discriminators): Ray Train with one worker and the
+    local loop give the same curve."""
+    params = _ray_params(tiny_runs["cddfuse"], tmp_path, num_workers=1)
     train_ray(params, 1)
     ray_curve = _curve(tmp_path / "reports" / "phase1_curve.csv")
-    local_curve = _curve(Path(tiny_run.train.curves) / "phase1_curve.csv")
+    local_curve = _curve(Path(tiny_runs["cddfuse"].train.curves) / "phase1_curve.csv")
     assert ray_curve.keys() == local_curve.keys()
     np.testing.assert_allclose(list(ray_curve.values()), list(local_curve.values()), rtol=1e-4)
 

@@ -1,31 +1,35 @@
 """Search pieces without Ray: the validation score, the search space, resuming a study.
-(The search itself, 3 trials as Ray Train runs with MLflow child runs and a resumed study,
+(The search itself, trials as Ray Train runs with MLflow child runs and a resumed study,
 runs inside the retrain flow test: test_flows.py.)"""
 
 import optuna
 import pytest
 
+from fusion.engine.checkpoint import load_model
 from fusion.errors import FusionError
+from fusion.evaluation.gain import weighted_gain
+from fusion.evaluation.validation import ValidationScore, held_out_pairs
+from fusion.inference.fuse import TorchEngine
 from fusion.params import MetricWeight, load_params
-from fusion.validation import ValidationScore, held_out_pairs, relative_score
 
 
-def test_relative_score_is_zero_for_the_baseline_and_flips_mse():
+def test_weighted_gain_is_zero_for_the_baseline_and_flips_mse():
     base = {"VIF": 0.5, "MSE": 100.0}
     weights = [MetricWeight("VIF", 1.0), MetricWeight("MSE", 1.0)]
-    assert relative_score(base, base, weights) == 0
-    assert relative_score({"VIF": 0.6, "MSE": 90.0}, base, weights) == pytest.approx(0.15)
+    assert weighted_gain(base, base, weights) == 0
+    assert weighted_gain({"VIF": 0.6, "MSE": 90.0}, base, weights) == pytest.approx(0.15)
 
 
 def test_search_space_must_name_loss_weights():
     with pytest.raises(FusionError, match="not a loss weight"):
-        load_params(None, ["search.space=[{name: lr, low: 0.1, high: 1.0}]"])
+        load_params(None, ["model.dae-fuse.search=[{name: phase1.lr, low: 0.1, high: 1.0}]"])
     with pytest.raises(FusionError, match="low > 0"):
-        load_params(None, ["search.space=[{name: lam, low: 0.0, high: 1.0, log: true}]"])
+        load_params(None, ["model.dae-fuse.search=[{name: phase1.lam, low: 0.0, high: 1.0, "
+                           "log: true}]"])
 
 
 def test_a_resumed_study_counts_only_finished_trials(tmp_path):
-    from fusion.search import _finished, redact
+    from fusion.mlops.search import _finished, redact
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     assert _finished(url, "s") == 0  # no study yet: everything to do
@@ -38,11 +42,31 @@ def test_a_resumed_study_counts_only_finished_trials(tmp_path):
     assert redact("postgresql://me:secret@db/optuna") == "postgresql://me:***@db/optuna"
 
 
-def test_validation_scores_the_model_against_mean_fusion(tiny_run):
-    from fusion.checkpoint import load_model
+def test_trial_weights_land_in_the_active_family(tiny_runs):
+    from fusion.mlops.search import _nested, trial_params
+
+    params = tiny_runs["cddfuse"]
+    trial = trial_params(params, {"phase1.w_decomp": 0.5, "phase2.w_int": 3.0,
+                                  "phase2.w_grad": 4.0, "phase2.w_decomp": 1.0})
+    assert trial.config.phase2.w_grad == 4.0 and trial.config.phase1.w_decomp == 0.5
+    assert trial.config.phase1.w_ssim == params.config.phase1.w_ssim  # untouched
+    assert trial.train.steps == params.search.steps
+    assert _nested({"phase2.w_int": 3.0}) == {"phase2": {"w_int": 3.0}}
+
+
+def test_validation_scores_against_mean_fusion(tiny_run):
+    """The tiny model scores below mean fusion (a negative gain); mean fusion itself, fed
+    back as a 'model', scores zero."""
+    import numpy as np
 
     pairs = held_out_pairs(tiny_run)
     assert pairs and all(a.exists() and b.exists() for _, a, b in pairs)
     scorer = ValidationScore(pairs, tiny_run)
-    score, means = scorer(load_model(tiny_run.train.phase2_out))
-    assert set(means) >= {"VIF", "Qabf", "SSIM"} and -1.0 < score < 1.0
+    model = load_model(tiny_run.train.phase_out(2))
+    score, means = scorer(TorchEngine(model, tiny_run.family))
+    assert set(means) >= {"VIF", "Qabf", "SSIM"} and score < 0
+
+    def mean_fusion(a, b):
+        return np.round((a * 255 + b * 255) / 2) / 255
+    mean_fusion.explains = False
+    assert scorer(mean_fusion)[0] == pytest.approx(0.0, abs=1e-12)

@@ -81,6 +81,17 @@ def s3_filesystem(endpoint: str = "") -> Any:
     return pafs.S3FileSystem(**options)
 
 
+def run_config(name: str, root: str, fs: Any, max_failures: int, **options: Any) -> Any:
+    """A Ray Train ``RunConfig``: its own log lines only at ERROR (the loop prints the
+    steps once; Ray would repeat every report at INFO), restarts up to ``max_failures``."""
+    import ray.train
+
+    return ray.train.RunConfig(name=name, storage_path=root, storage_filesystem=fs,
+                               failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                               logging_config=ray.train.LoggingConfig(log_level="ERROR"),
+                               **options)
+
+
 def scaling(params: Params) -> Any:
     from ray.train import ScalingConfig
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fusion.engine.checkpoint import MANIFEST, STATE_FILE, check_state, read_state, save_state
-from fusion.engine.cluster import connect, scaling, storage, worker_setup
+from fusion.engine.cluster import connect, run_config, scaling, storage, worker_setup
 from fusion.engine.runs import (
     NO_START,
     Sink,
@@ -198,7 +198,7 @@ def _fit(params: Params, phase: int, start: Start, init: Any, name: str, store: 
          attempt: str, fault: Fault | None, sink: Sink | None) -> Path:
     import ray.train
     import ray.train.torch
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig
 
     t, r = params.train, params.ray
     trainer = ray.train.torch.TorchTrainer(
@@ -206,10 +206,8 @@ def _fit(params: Params, phase: int, start: Start, init: Any, name: str, store: 
         train_loop_config={"params": shipped(params), "phase": phase, "init": init,
                            "fault": fault, "store": store, "sink": sink},
         scaling_config=scaling(params),
-        run_config=RunConfig(
-            name=attempt, storage_path=store.root, storage_filesystem=store.fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=r.max_failures)))
+        run_config=run_config(attempt, store.root, store.fs, r.max_failures,
+                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)))
     print(f"phase {phase}: Ray Train run {name}/{attempt} ({r.num_workers} worker(s)) -> "
           f"{r.storage_path}", file=sys.stderr)
     try:

@@ -16,7 +16,7 @@ import numpy as np
 
 from fusion.engine.checkpoint import load_model, read_config
 from fusion.engine.runs import Start
-from fusion.errors import BadInputError
+from fusion.errors import BadInputError, FusionError
 from fusion.params import Params
 
 WEIGHTS = "weights"  # artifact key of the exported model folder
@@ -72,9 +72,21 @@ def download(params: Params, ref: str) -> tuple[Path, str]:
         if alias:
             version = MlflowClient().get_model_version_by_alias(name, alias).version
             source = f"models:/{name}/{version}"
-        folder = Path(mlflow.artifacts.download_artifacts(f"{source}/artifacts/{WEIGHTS}"))
+        root = Path(mlflow.artifacts.download_artifacts(source))
+    folder = root / artifact_path(root, WEIGHTS)
     read_config(folder)
     return folder, source
+
+
+def artifact_path(model_dir: Path, key: str) -> str:
+    """Where a logged pyfunc keeps artifact ``key``, relative to the model folder."""
+    import yaml
+
+    flavor = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]
+    try:
+        return flavor["artifacts"][key]["path"]
+    except KeyError:
+        raise FusionError(f"{model_dir}: the registered model has no {key!r} artifact") from None
 
 
 def load_ref(params: Params, ref: str, device: Any = "cpu"):
@@ -116,8 +128,9 @@ def pyfunc_class():
     import mlflow.pyfunc
 
     class Pyfunc(mlflow.pyfunc.PythonModel):
-        """``predict([{"a": HxW, "b": HxW}, ...])`` with float32 arrays in [0, 1] -> a list
-        of fused HxW float32 arrays in [0, 1] (any family; tiles exactly when large)."""
+        """``predict(x)``: x is float32 in [0, 1], (2, H, W) for one pair (A, B stacked) or
+        (N, 2, H, W) for N pairs of one size -> fused (H, W) or (N, H, W) in [0, 1]
+        (any family; large images are tiled exactly)."""
 
         engine = None
 
@@ -129,16 +142,15 @@ def pyfunc_class():
             family = get_family(read_config(folder)["family"])
             self.engine = TorchEngine(load_model(folder), family)
 
-        def predict(self, context, model_input: list[dict[str, Any]],
-                    params: dict[str, Any] | None = None) -> list[Any]:
-            return [self._fuse(item) for item in model_input]
-
-        def _fuse(self, item: dict[str, Any]) -> np.ndarray:
-            a, b = (np.asarray(item[k], dtype=np.float32) for k in ("a", "b"))
-            if a.shape != b.shape or a.ndim != 2:
-                raise ValueError(f"a and b must be HxW arrays of one size, got {a.shape} "
-                                 f"and {b.shape}")
-            return self.engine(a, b)
+        def predict(self, context, model_input: np.ndarray,
+                    params: dict[str, str] | None = None) -> np.ndarray:
+            x = np.asarray(model_input, dtype=np.float32)
+            if x.ndim not in (3, 4) or x.shape[-3] != 2:
+                raise ValueError(f"expected (2, H, W) or (N, 2, H, W) (sources A and B "
+                                 f"stacked), got shape {x.shape}")
+            if x.ndim == 3:
+                return self.engine(x[0], x[1])
+            return np.stack([self.engine(pair[0], pair[1]) for pair in x])
 
     return Pyfunc
 
@@ -156,7 +168,12 @@ def requirements() -> list[str]:
 def log_pyfunc(artifacts: dict[str, str]):
     """Log the model ("from code") into the active run; returns MLflow's ModelInfo."""
     import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
 
-    example = [{"a": np.zeros((32, 32), np.float32), "b": np.ones((32, 32), np.float32)}]
+    example = np.stack([np.zeros((32, 32), np.float32), np.ones((32, 32), np.float32)])
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (2, -1, -1))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
     return mlflow.pyfunc.log_model(name="model", python_model=str(ENTRY), artifacts=artifacts,
-                                   input_example=example, pip_requirements=requirements())
+                                   signature=signature, input_example=example,
+                                   pip_requirements=requirements())

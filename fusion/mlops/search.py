@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fusion.engine.cluster import connect, scaling, storage, worker_setup
+from fusion.engine.cluster import connect, run_config, scaling, storage, worker_setup
 from fusion.engine.ray_runner import shipped
 from fusion.engine.runs import NO_START, Start, phase_weights
 from fusion.errors import FusionError
@@ -110,7 +110,6 @@ def _trial(config: dict[str, Any], base: Params, val: list, start: Start, init: 
     """A Tune trial: one Ray Train run (Train V2 pattern), its reports forwarded to Tune."""
     import ray.train.torch
     from ray import tune
-    from ray.train import FailureConfig, RunConfig
     from ray.tune.integration.ray_train import TuneReportCallback
 
     params = trial_params(base, config)
@@ -120,9 +119,8 @@ def _trial(config: dict[str, Any], base: Params, val: list, start: Start, init: 
         _trial_worker, train_loop_config={"params": params, "val": val, "start": start,
                                           "init": init},
         scaling_config=scaling(params),
-        run_config=RunConfig(name=f"search-{study_name(base)}-{trial_id}", storage_path=root,
-                             storage_filesystem=fs, callbacks=[TuneReportCallback()],
-                             failure_config=FailureConfig(max_failures=base.ray.max_failures)))
+        run_config=run_config(f"search-{study_name(base)}-{trial_id}", root, fs,
+                              base.ray.max_failures, callbacks=[TuneReportCallback()]))
     trainer.fit()
 
 

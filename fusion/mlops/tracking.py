@@ -283,10 +283,11 @@ def _log_and_register(params: Params, digest: str, fp: str, key: str) -> str:
         client.log_batch(parent, params=[mlflow.entities.Param(k, v[:6000]) for k, v in
                                          _flat(to_dict(params)).items()])
         summary_file = Path(params.data.summary)
-        if summary_file.exists():
-            client.log_batch(_child(parent, experiment, "prepare"), metrics=[
-                mlflow.entities.Metric(k, v, 0, 0)
-                for k, v in _numbers(json.loads(summary_file.read_text())).items()])
+        counts = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+        prepare = _child(parent, experiment, "prepare")
+        client.log_batch(prepare, metrics=[mlflow.entities.Metric(k, v, 0, 0)
+                                           for k, v in _numbers(counts).items()])
+        client.set_terminated(prepare)
         evaluation = _child(parent, experiment, "evaluate")
         client.log_batch(evaluation, metrics=[
             mlflow.entities.Metric(k, v, 0, 0)

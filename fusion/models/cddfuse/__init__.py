@@ -80,6 +80,9 @@ FAMILY = register_family(Family(
             Phase("fusion")),
     module="fusion.models.cddfuse.net",
     warm_phases=(2,),
-    profiles={"paper": {"net": {"dim": 64, "heads": 8, "stem_stride": 1, "encoder_blocks": 4,
+    # tiny: tests and smoke runs
+    profiles={"tiny": {"net": {"dim": 8, "heads": 2, "encoder_blocks": 1, "decoder_blocks": 1,
+                               "detail_layers": 1, "fuse_detail_layers": 1}},
+              "paper": {"net": {"dim": 64, "heads": 8, "stem_stride": 1, "encoder_blocks": 4,
                                 "decoder_blocks": 4, "detail_layers": 3}}},
 ))

@@ -85,7 +85,11 @@ FAMILY = register_family(Family(
     module="fusion.models.dae_fuse.net",
     warm_phases=(2,),
     # The paper gives no sizes; these are the Restormer/CDDFuse widths it builds on.
-    profiles={"paper": {"net": {"channels": 64, "stem_stride": 1, "heads": 8,
+    # tiny: tests and smoke runs
+    profiles={"tiny": {"net": {"channels": 8, "heads": 2, "se_blocks": 1, "dhe_blocks": 1,
+                               "vit_patch": 4, "vit_dim": 16, "vit_depth": 1, "vit_heads": 2,
+                               "decoder_blocks": 1, "disc_channels": 8, "disc_layers": 2}},
+              "paper": {"net": {"channels": 64, "stem_stride": 1, "heads": 8,
                                 "ffn_factor": 2.66, "se_blocks": 4, "dhe_blocks": 4,
                                 "vit_patch": 16, "vit_dim": 256, "vit_depth": 4, "vit_heads": 8,
                                 "decoder_blocks": 4, "disc_channels": 64}}},

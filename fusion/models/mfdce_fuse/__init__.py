@@ -87,6 +87,9 @@ FAMILY = register_family(Family(
     module="fusion.models.mfdce_fuse.net",
     warm_phases=(2,),
     explains=True,
-    profiles={"paper": {"net": {"channels": 64, "stem_stride": 1, "cnn_blocks": 4,
+    # tiny: tests and smoke runs
+    profiles={"tiny": {"net": {"channels": 8, "cnn_blocks": 1, "swin_blocks": 2,
+                               "swin_heads": 2, "window": 4, "decoder_blocks": 1, "smooth": 3}},
+              "paper": {"net": {"channels": 64, "stem_stride": 1, "cnn_blocks": 4,
                                 "swin_blocks": 4, "swin_heads": 4, "decoder_blocks": 4}}},
 ))
