@@ -139,7 +139,9 @@ def flow_parser(doc: str | None) -> argparse.ArgumentParser:
 
 def stage_env(tracking_uri: str = "", ray_address: str = "") -> dict[str, str]:
     """Environment of the stage commands: where MLflow and Ray are, unbuffered logs."""
+    tools = str(Path(sys.executable).parent)  # dvc runs `fusion` from this environment
     return {"PYTHONUNBUFFERED": "1", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+            "PATH": f"{tools}{os.pathsep}{os.environ.get('PATH', '')}",
             **({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {}),
             **({"RAY_ADDRESS": ray_address} if ray_address else {})}
 

@@ -333,7 +333,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     _common(p)
     p.add_argument("--model", required=True, help="exported model folder or MLflow URI")
     p.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file to write")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     handlers["export"] = _export
 
     p = sub.add_parser("evaluate", help="fuse and score the benchmark sets with one or more "

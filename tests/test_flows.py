@@ -61,7 +61,7 @@ def test_retrain_flow_end_to_end_produces_a_champion_and_a_report(retrained):
     promotion = result["promotion"]
     assert promotion["promoted"] and promotion["champion"] == "1"
     record = json.loads((repo / "reports/registered.json").read_text())
-    assert record["version"] == "1" and record["tracking_uri"] == "sqlite:///mlflow.db"
+    assert record["version"] == "1" and record["tracking_uri"] == f"sqlite:///{repo / 'mlflow.db'}"
     runs = _task_runs(state)
     for name in ("dvc pull --allow-missing", "dvc repro prepare", "dvc repro train_phase1",
                  "dvc repro train_phase2", "dvc repro evaluate", "dvc repro register",
@@ -86,11 +86,13 @@ def test_search_first_logs_trials_and_trains_the_best_weights(retrained):
     best = json.loads((repo / "reports/search/best.json").read_text())
     assert (best["trials_before"], best["trials_run"], best["trials"]) == (0, 3, 3)
     trained = json.loads((repo / "models/phase2/config.json").read_text())
-    assert yaml.safe_load((repo / "params.yaml").read_text())["loss"] == \
-        pytest.approx(best["best"])  # written where dvc repro reads it ...
+    written = yaml.safe_load((repo / "params.yaml").read_text())["model"]["dae-fuse"]
+    for key, value in best["best"].items():  # written where dvc repro reads it ...
+        section, weight = key.split(".")
+        assert written[section][weight] == pytest.approx(value)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert lock["stages"]["train_phase2"]["params"]["params.yaml"]["loss.w_text"] == \
-        pytest.approx(best["best"]["w_text"])  # ... and trained
+    assert lock["stages"]["train_phase2"]["params"]["params.yaml"][
+        "model.dae-fuse.phase2"]["w_text"] == pytest.approx(best["best"]["phase2.w_text"])
     assert trained["phase"] == 2
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     client = MlflowClient()
@@ -100,7 +102,8 @@ def test_search_first_logs_trials_and_trains_the_best_weights(retrained):
     children = client.search_runs([experiment.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 3 and all("score" in c.data.metrics for c in children)
-    assert {"lam", "sigma", "w_text", "w_int", "w_adv"} <= set(children[0].data.params)
+    assert {"phase1.lam", "phase1.sigma", "phase2.w_text", "phase2.w_int",
+            "phase2.w_adv"} <= set(children[0].data.params)
 
 
 def test_retrain_flow_skips_training_when_nothing_changed(retrained):
@@ -118,7 +121,7 @@ def test_retrain_flow_skips_training_when_nothing_changed(retrained):
     assert not any(name.startswith(("dvc repro train", "fusion promote")) for name in runs)
     # a changed phase II weight would retrain from phase II on, not prepare or phase I
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["loss"]["w_text"] = 2.0
+    params["model"]["dae-fuse"]["phase2"]["w_text"] = 2.0
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dry = run_cmd("dvc", "repro", "--dry", cwd=repo)
     assert "Running stage 'train_phase2'" in dry

@@ -48,6 +48,20 @@ class TileSpec:
                               "least 32 pixels (the tile's core)")
 
 
+MARGIN = 16  # reflected pixels around every image: zero-padded convolutions never see the
+# image border, which would otherwise leave a dark line along it
+
+
+def add_margin(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    m = min(MARGIN, a.shape[0] - 1, a.shape[1] - 1)
+    return tuple(np.pad(x, m, mode="reflect") if m > 0 else x for x in (a, b))
+
+
+def crop_margin(fused: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    m = (fused.shape[0] - shape[0]) // 2
+    return fused[m:m + shape[0], m:m + shape[1]]
+
+
 class Engine(Protocol):
     """Fuses two grey float32 planes in [0, 1] of one size into one (torch or ONNX)."""
 
@@ -76,8 +90,9 @@ class TorchEngine:
 
         from fusion.inference.tiling import fuse_tiled
 
-        ta, tb = self._tensors(a, b)
-        h, w = a.shape
+        shape = a.shape
+        ta, tb = self._tensors(*add_margin(a, b))
+        h, w = ta.shape[-2:]
         with torch.inference_mode():
             if h <= self.tiles.size and w <= self.tiles.size:
                 fused = self.model.fuse(ta, tb)
@@ -87,15 +102,15 @@ class TorchEngine:
                 print(f"note: {self.family.name} cannot be tiled exactly; fusing the "
                       f"{w}x{h} image whole (memory grows with the image)", file=sys.stderr)
                 fused = self.model.fuse(ta, tb)
-        return fused[0, 0].float().clamp(0, 1).cpu().numpy()
+        return crop_margin(fused[0, 0].float().clamp(0, 1).cpu().numpy(), shape)
 
     def explain(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
-        ta, tb = self._tensors(a, b)
+        ta, tb = self._tensors(*add_margin(a, b))
         with torch.inference_mode():
             out = self.model.explain(ta, tb)
-        return tuple(out[k][0, 0].float().clamp(0, 1).cpu().numpy()
+        return tuple(crop_margin(out[k][0, 0].float().clamp(0, 1).cpu().numpy(), a.shape)
                      for k in ("fused", "contribution"))
 
 

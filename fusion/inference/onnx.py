@@ -9,12 +9,13 @@ from typing import Any
 import numpy as np
 
 from fusion.errors import BadInputError, FusionError
+from fusion.inference.fuse import add_margin, crop_margin
 from fusion.params import Params
 
 META = "fusion"  # ONNX metadata key: family, padding multiple
 
 
-def export_onnx(model: Any, family: Any, path: Path, opset: int = 17) -> Path:
+def export_onnx(model: Any, family: Any, path: Path, opset: int = 18) -> Path:
     """Write the network's whole-image fusion as ONNX with dynamic height and width.
 
     The graph takes sources already padded to a multiple of the network's grid (the engine
@@ -35,11 +36,12 @@ def export_onnx(model: Any, family: Any, path: Path, opset: int = 17) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with torch.inference_mode():
-            torch.onnx.export(Whole(model.eval()), example, str(tmp), input_names=["a", "b"],
-                              output_names=["fused"], opset_version=opset, dynamo=False,
-                              dynamic_axes={n: {2: "height", 3: "width"}
-                                            for n in ("a", "b", "fused")})
+        height, width = torch.export.Dim("height"), torch.export.Dim("width")
+        dims = {2: m * height, 3: m * width}
+        program = torch.onnx.export(Whole(model.eval()), example, input_names=["a", "b"],
+                                    output_names=["fused"], opset_version=opset, dynamo=True,
+                                    dynamic_shapes={"a": dims, "b": dims}, verbose=False)
+        program.save(str(tmp))
         proto = onnx.load(str(tmp))
         entry = proto.metadata_props.add()
         entry.key, entry.value = META, json.dumps({"family": family.name, "multiple": m})
@@ -83,13 +85,15 @@ class OnnxEngine:
         return cls(session, int(meta["multiple"]), meta["family"])
 
     def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        shape = a.shape
+        a, b = add_margin(a, b)
         h, w = a.shape
         ph, pw = -h % self.multiple, -w % self.multiple
         mode = "reflect" if ph < h and pw < w else "edge"
         planes = [np.pad(x.astype(np.float32), ((0, ph), (0, pw)), mode=mode)[None, None]
                   for x in (a, b)]
         (fused,) = self.session.run(None, {"a": planes[0], "b": planes[1]})
-        return np.clip(fused[0, 0, :h, :w], 0.0, 1.0)
+        return crop_margin(np.clip(fused[0, 0, :h, :w], 0.0, 1.0), shape)
 
     def explain(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise FusionError("--explain needs --engine torch")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fusion.engine.checkpoint import load_model, read_config
+from fusion.engine.checkpoint import load_model, net_params, read_config
 from fusion.engine.runs import Start
 from fusion.errors import BadInputError, FusionError
 from fusion.params import Params
@@ -113,9 +113,11 @@ def resolve_start(params: Params) -> Start:
         if ref != "@champion":
             raise
         bundled = params.family.pretrained_path()
-        if bundled is None:
+        if bundled is None or net_params(read_config(bundled)) != params.config.net:
+            why = ("no bundled checkpoint" if bundled is None else
+                   "a bundled checkpoint of other network sizes")
             print(f"train.init @champion: {params.model_name} has no champion and "
-                  f"{params.model.family} no bundled checkpoint; training from scratch")
+                  f"{params.model.family} {why}; training from scratch")
             return Start()
         print(f"train.init @champion: {params.model_name} has no champion yet; starting from "
               f"the bundled checkpoint {bundled}")

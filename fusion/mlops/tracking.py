@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import subprocess
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -44,7 +45,12 @@ CHALLENGER, CHAMPION = "challenger", "champion"
 
 
 def tracking_uri(configured: str) -> str:
-    return configured or os.environ.get("MLFLOW_TRACKING_URI", "") or DEFAULT_URI
+    """``--set``/params.yaml, else ``$MLFLOW_TRACKING_URI``, else the SQLite default; a
+    relative SQLite path is made absolute (Ray workers log from other folders)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI", "") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
 
 
 def connect(ml: MlflowParams) -> str:
@@ -266,7 +272,7 @@ def _log_and_register(params: Params, digest: str, fp: str, key: str) -> str:
     from mlflow import MlflowClient
 
     from fusion.evaluation.evaluate import EVALUATED, SUMMARY
-    from fusion.mlops.registry import WEIGHTS, log_pyfunc
+    from fusion.mlops.registry import ONNX, WEIGHTS, log_pyfunc
 
     t, ev = params.train, params.evaluate
     config = json.loads((Path(ev.model) / "config.json").read_text())
@@ -296,14 +302,30 @@ def _log_and_register(params: Params, digest: str, fp: str, key: str) -> str:
         for file in ("report.md", "per_image.parquet", EVALUATED):
             client.log_artifact(evaluation, str(Path(ev.out) / file), "eval")
         client.set_terminated(evaluation)
-        with mlflow.start_run(run_id=parent):
-            info = log_pyfunc({WEIGHTS: ev.model})
+        with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=parent):
+            info = log_pyfunc({WEIGHTS: ev.model, ONNX: str(_onnx(params, Path(tmp)))})
         version = mlflow.register_model(info.model_uri, params.model_name, tags=tags)
     except BaseException:
         _close(client, parent, "FAILED")
         raise
     _close(client, parent, "FINISHED")
     return str(version.version)
+
+
+def _onnx(params: Params, folder: Path) -> Path:
+    """The model's ONNX export, registered beside the safetensors weights (cached by the
+    weights' hash: re-registering the same weights does not export again)."""
+    import shutil
+
+    from fusion.engine.checkpoint import load_model, weights_digest
+    from fusion.inference.onnx import export_onnx
+
+    digest = weights_digest(params.evaluate.model)
+    cache = Path(tempfile.gettempdir()) / "fusion-onnx" / f"{digest}.onnx"
+    if not cache.exists():
+        export_onnx(load_model(params.evaluate.model), params.family, cache)
+    shutil.copy2(cache, folder / "model.onnx")
+    return folder / "model.onnx"
 
 
 def _close(client: Any, run_id: str, status: str) -> None:
