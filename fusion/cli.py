@@ -131,11 +131,14 @@ def _engine(args: argparse.Namespace, params: Params):
         from fusion.inference.onnx import OnnxEngine
 
         return OnnxEngine.open(args.model, params, threads=args.threads)
-    from fusion.engine.trainer import resolve_device
     from fusion.inference.fuse import TileSpec, TorchEngine
     from fusion.mlops.registry import load_ref
 
-    device = resolve_device(args.device or params.train.device)
+    device = args.device or params.train.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     family, model = load_ref(params, args.model, device)
     return TorchEngine(model, family, TileSpec(args.tile, args.halo), device)
 

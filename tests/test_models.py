@@ -160,7 +160,7 @@ def test_info_nce_known_values():
 # -- family-specific terms -----------------------------------------------------------------
 
 def test_cddfuse_fusion_gradient_is_the_unnormalised_sobel_l1():
-    from fusion.models.cddfuse.net import sobel_l1
+    from fusion.models.cddfuse.losses import sobel_l1
 
     ramp = torch.arange(8.0).repeat(8, 1)[None, None]  # d/dx = 1 everywhere
     g = sobel_l1(ramp)[0, 0, 2:-2, 2:-2]  # interior: |Gx| = (1+2+1) x a step of 2, Gy = 0
@@ -169,7 +169,7 @@ def test_cddfuse_fusion_gradient_is_the_unnormalised_sobel_l1():
 
 def test_cddfuse_losses_vanish_for_a_perfect_reconstruction():
     from fusion.models.cddfuse import ReconstructionLoss
-    from fusion.models.cddfuse.net import losses_for
+    from fusion.models.cddfuse.losses import losses_for
 
     a, b = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
     feats = torch.randn(2, 4, 16, 16)
@@ -196,7 +196,7 @@ def test_mfdce_contribution_is_the_share_of_private_energy():
 
 
 def test_mfdce_disentangle_loss_known_values():
-    from fusion.models.mfdce_fuse.net import disentangle_loss
+    from fusion.models.mfdce_fuse.losses import disentangle_loss
 
     common = torch.eye(4).reshape(4, 4, 1, 1).expand(4, 4, 2, 2)  # one direction per patch
     private_a = torch.zeros(4, 4, 2, 2)

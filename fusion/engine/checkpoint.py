@@ -25,11 +25,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fusion.engine.trainer import Weights
 from fusion.errors import FusionError
 from fusion.files import fresh_tmp, replace_dir, sha256_file, writable
 from fusion.models.registry import get_family
 
+Weights = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]  # network, critic
 FORMAT = "fusion-model/2"
 STATE_FILE = "state.pt"
 MANIFEST = "manifest.json"

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from fusion.engine.batches import PatchStream
 from fusion.engine.checkpoint import (
+    Weights,
     export_model,
     load_state,
     load_weights,
@@ -30,7 +31,7 @@ from fusion.engine.checkpoint import (
     weights_digest,
 )
 from fusion.engine.code import TRAINING_CODE
-from fusion.engine.trainer import Hooks, Trainer, Weights, resolve_device
+from fusion.engine.trainer import Hooks, Trainer, resolve_device
 from fusion.errors import FusionError
 from fusion.files import sha256_file, sha256_tree, write_text
 from fusion.params import Params

@@ -19,10 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from fusion.engine.checkpoint import Weights
 from fusion.models import losses
 from fusion.params import Params
-
-Weights = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]  # network, critic
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,6 +55,7 @@ class Trainer:
         family = params.family
         self.spec = family.phase(phase)
         self.impl = family.impl()
+        self.objectives = family.objectives()
         self.params, self.phase = params, phase
         self.weights = family.loss(params.config, phase)
         self.device = torch.device(device)
@@ -135,7 +135,7 @@ class Trainer:
 
     def _losses(self, a: torch.Tensor, b: torch.Tensor, out: dict) -> dict[str, torch.Tensor]:
         d_fake = self.cnet(*out["fakes"]) if self.critic is not None else None
-        return self.impl.losses_for(self.phase, a, b, out, self.weights, d_fake)
+        return self.objectives.losses_for(self.phase, a, b, out, self.weights, d_fake)
 
     def train_step(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
         a, b = a.to(self.device, non_blocking=True), b.to(self.device, non_blocking=True)

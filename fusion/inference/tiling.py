@@ -24,10 +24,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fusion.models.layers import GLOBAL_ATTENTION, ChannelAttention, pad_to
+from fusion.models.layers import (
+    GLOBAL_ATTENTION,
+    ChannelAttention,
+    TokenBlock,
+    pad_to,
+    sincos_positions,
+)
 from fusion.progress import progress
 
 EPS = 1e-12  # as F.normalize
@@ -95,42 +100,27 @@ class _Statistics:
         norms = q2.sqrt().clamp_min(EPS)[..., :, None] * k2.sqrt().clamp_min(EPS)[..., None, :]
         return (gram / norms).float()
 
-    # -- ViT (timm Block) ---------------------------------------------------------------
+    # -- ViT ----------------------------------------------------------------------------
     def positions(self, dim: int, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-        from timm.layers import build_sincos2d_pos_embed
-
         patch = self._scale(grid[0])
         gh, gw = self.height // patch, self.width // patch
-        pos = build_sincos2d_pos_embed([gh, gw], dim, dtype=dtype).reshape(gh, gw, dim)
+        pos = sincos_positions((gh, gw), dim, dtype).reshape(gh, gw, dim)
         ty, tx = self.tile.y0 // patch, self.tile.x0 // patch
         return pos[ty:ty + grid[0], tx:tx + grid[1]].reshape(grid[0] * grid[1], dim)
 
-    def token_block(self, block: nn.Module, tokens: torch.Tensor, grid: tuple[int, int]
+    def token_block(self, block: TokenBlock, tokens: torch.Tensor, grid: tuple[int, int]
                     ) -> torch.Tensor:
         key = id(block)
-        attn = block.attn
-        n, count, dim = tokens.shape
         if key not in self.done:
-            x = block.norm1(tokens)
-            kv = attn.qkv(x).reshape(n, count, 3, attn.num_heads, attn.head_dim)[:, :, 1:]
             ys, xs = self.tile.core_in(self._scale(grid[0]))
-            core = kv.reshape(n, *grid, 2, attn.num_heads, attn.head_dim)[:, ys, xs]
-            core = core.reshape(n, -1, 2, attn.num_heads, attn.head_dim)
-            self._gather(key, core, lambda old, new: torch.cat([old, new], 1),
-                         lambda kv: self._token_final(kv, block))
+            k, v = (x.unflatten(2, grid)[:, :, ys, xs].flatten(2, 3)
+                    for x in block.keys_values(tokens))  # (N, heads, core tokens, head_dim)
+            self._gather(key, (k, v), lambda old, new: tuple(torch.cat([o, n], 2)
+                                                             for o, n in zip(old, new,
+                                                                             strict=True)),
+                         lambda kv: kv)
             raise _Collected
-        k, v = self.done[key]
-        x = block.norm1(tokens)
-        q = attn.qkv(x).reshape(n, count, 3, attn.num_heads, attn.head_dim)[:, :, 0]
-        q = attn.q_norm(q.transpose(1, 2))
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, count, -1)
-        tokens = tokens + block.ls1(attn.proj(attn.norm(out)))
-        return tokens + block.ls2(block.mlp(block.norm2(tokens)))
-
-    @staticmethod
-    def _token_final(kv: torch.Tensor, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (n, heads, tokens, head_dim) each
-        return block.attn.k_norm(k), v
+        return block.attend(tokens, *self.done[key])
 
     # -- bookkeeping ------------------------------------------------------------------
     def _gather(self, key: int, value: Any, combine: Callable[[Any, Any], Any],
@@ -176,7 +166,7 @@ def fuse_tiled(model: nn.Module, a: torch.Tensor, b: torch.Tensor, size: int, ha
     stats = _Statistics(height, width)
     tiles = _tiles(height, width, size, halo, grid)
     out = torch.zeros(1, 1, height, width, device=a.device)
-    passes = 1 + sum(isinstance(m, ChannelAttention) or type(m).__name__ == "Block"
+    passes = 1 + sum(isinstance(m, ChannelAttention | TokenBlock)
                      for m in model.modules())  # at most: one per global layer, plus the last
     bar = progress(range(passes * len(tiles)), "tiles", unit="tile")
     token = GLOBAL_ATTENTION.set(stats)

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from fusion.engine.checkpoint import load_model, net_params, read_config
-from fusion.engine.runs import Start
 from fusion.errors import BadInputError, FusionError
 from fusion.params import Params
 
@@ -98,9 +97,11 @@ def load_ref(params: Params, ref: str, device: Any = "cpu"):
     return get_family(config["family"]), load_model(folder, device)
 
 
-def resolve_start(params: Params) -> Start:
+def resolve_start(params: Params):
     """What ``train.init`` names: nothing, an export folder, or a registry model. With
     ``@champion`` and no champion yet, the family's bundled checkpoint, else scratch."""
+    from fusion.engine.runs import Start
+
     ref = params.train.init
     if not ref:
         return Start()
@@ -163,7 +164,7 @@ def requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name)}" for name in
-            ("torch", "torchvision", "timm", "kornia", "safetensors", "numpy", "pillow",
+            ("torch", "kornia", "safetensors", "numpy", "pillow", "opencv-python-headless",
              "pyarrow", "pyyaml", "mlflow")]
 
 

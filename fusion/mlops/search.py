@@ -15,6 +15,7 @@ family's section of params.yaml), where ``dvc repro`` and the retrain flow pick 
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import re
@@ -97,9 +98,8 @@ def _trial_worker(config: dict[str, Any]) -> None:
         if scorer is None:
             ray.train.report({"step": last.step})
             continue
-        last.model.eval()
-        score, means = scorer(TorchEngine(last.model, params.family, device=device))
-        last.model.train()
+        snapshot = copy.deepcopy(last.model).eval()  # the engine converts its model in place
+        score, means = scorer(TorchEngine(snapshot, params.family, device=device))
         print(f"trial step {last.step}/{last.steps}: score {score:+.4f}", file=sys.stderr,
               flush=True)
         ray.train.report({"step": last.step, "score": score,

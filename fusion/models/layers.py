@@ -1,5 +1,11 @@
-"""Building blocks shared by the families: Restormer blocks with channel attention, and the
-hook that makes their global statistics exact under tiled inference.
+"""Building blocks shared by the families: Restormer blocks with channel attention, a ViT
+block, shifted-window (Swin) blocks, ResNet basic blocks, and the hook that makes global
+statistics exact under tiled inference.
+
+The ViT, Swin and ResNet blocks follow timm's definitions but are written here in plain
+torch: importing timm pulls in torchvision and torch._dynamo, about 8 s of start-up on this
+2-core machine (measured: `import torch` 3.8 s, `import torch, timm.layers` 11.7 s), which
+alone would break the 5-second budget of `fusion fuse` on one pair.
 
 Channel ("transposed") attention normalises and correlates queries and keys over *all*
 pixels, so it is global. For tiled inference, ``fusion.inference.tiling`` installs a
@@ -15,7 +21,6 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d
 from torch import nn
 
 
@@ -27,12 +32,156 @@ class GlobalAttention(Protocol):
 
     def positions(self, dim: int, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor: ...
 
-    def token_block(self, block: nn.Module, tokens: torch.Tensor, grid: tuple[int, int]
+    def token_block(self, block: TokenBlock, tokens: torch.Tensor, grid: tuple[int, int]
                     ) -> torch.Tensor: ...
 
 
 GLOBAL_ATTENTION: ContextVar[GlobalAttention | None] = ContextVar("fusion_global_attention",
                                                                   default=None)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of each pixel of an (N, C, H, W) map (as Restormer)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def sincos_positions(grid: tuple[int, int], dim: int, dtype: torch.dtype = torch.float32,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """2-D sin-cos position embedding of a (rows, columns) token grid: (rows*cols, dim),
+    row-major; the y and x coordinates each get dim/4 sin and dim/4 cos bands."""
+    bands = 1.0 / 10000.0 ** (torch.arange(dim // 4, device=device, dtype=torch.float32)
+                              / (dim // 4))
+    ys, xs = torch.meshgrid(torch.arange(grid[0], device=device, dtype=torch.float32),
+                            torch.arange(grid[1], device=device, dtype=torch.float32),
+                            indexing="ij")
+    angles = torch.stack([ys.flatten(), xs.flatten()], 1)[..., None] * bands  # (T, 2, dim/4)
+    return torch.stack([angles.sin(), angles.cos()], 1).flatten(1).to(dtype)
+
+
+def mlp(dim: int, ratio: float) -> nn.Sequential:
+    hidden = int(dim * ratio)
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+class TokenBlock(nn.Module):
+    """Pre-norm ViT block over (N, T, D) tokens: multi-head self-attention, then an MLP.
+    ``keys_values`` and ``attend`` split the attention so that exact tiling can gather the
+    keys and values of every tile before any tile attends to them."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 2.0) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = mlp(dim, mlp_ratio)
+
+    def _qkv(self, tokens: torch.Tensor) -> torch.Tensor:
+        n, t, d = tokens.shape
+        return self.qkv(self.norm1(tokens)).reshape(n, t, 3, self.heads, d // self.heads
+                                                    ).permute(2, 0, 3, 1, 4)
+
+    def keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, heads, T, head_dim) keys and values of these tokens."""
+        _, k, v = self._qkv(tokens)
+        return k, v
+
+    def attend(self, tokens: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The block, with attention over the given keys and values."""
+        q = self._qkv(tokens)[0]
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        tokens = tokens + self.proj(out)
+        return tokens + self.mlp(self.norm2(tokens))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.attend(tokens, *self.keys_values(tokens))
+
+
+class BasicBlock(nn.Module):
+    """ResNet-18's basic block at full resolution: conv-BN-ReLU-conv-BN, plus the input."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(x + self.bn2(self.conv2(y)))
+
+
+class WindowBlock(nn.Module):
+    """Swin Transformer block on an (N, C, H, W) map: self-attention inside w x w windows
+    with a learned relative position bias, windows shifted by ``shift`` (cyclically, the
+    wrapped strips masked apart), then an MLP. H and W must be multiples of ``window``."""
+
+    def __init__(self, dim: int, heads: int, window: int, shift: int,
+                 mlp_ratio: float = 2.0) -> None:
+        super().__init__()
+        self.heads, self.window, self.shift = heads, window, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = mlp(dim, mlp_ratio)
+        self.bias = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
+        nn.init.trunc_normal_(self.bias, std=0.02)
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window),
+                                            indexing="ij")).flatten(1)  # (2, w*w)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + window - 1
+        self.register_buffer("bias_index", rel[..., 0] * (2 * window - 1) + rel[..., 1],
+                             persistent=False)
+
+    def _windows(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, C) -> (N * windows, w*w, C)."""
+        n, h, w, c = x.shape
+        s = self.window
+        return x.reshape(n, h // s, s, w // s, s, c).transpose(2, 3).reshape(-1, s * s, c)
+
+    def _mask(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """(windows, w*w, w*w): -inf between tokens that the cyclic shift brought together."""
+        region = torch.zeros(1, h, w, 1, device=device)
+        cuts = (slice(0, -self.window), slice(-self.window, -self.shift),
+                slice(-self.shift, None))
+        label = 0
+        for ys in cuts:
+            for xs in cuts:
+                region[:, ys, xs] = label
+                label += 1
+        ids = self._windows(region)[..., 0]
+        return torch.where(ids[:, :, None] == ids[:, None, :], 0.0, float("-inf"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        if h % self.window or w % self.window:
+            raise ValueError(f"{h}x{w} is not a multiple of the window {self.window}")
+        t = x.permute(0, 2, 3, 1)
+        y = self.norm1(t)
+        if self.shift:
+            y = torch.roll(y, (-self.shift, -self.shift), (1, 2))
+        win = self._windows(y)
+        q, k, v = self.qkv(win).reshape(win.shape[0], -1, 3, self.heads, c // self.heads
+                                        ).permute(2, 0, 3, 1, 4)
+        bias = self.bias[self.bias_index].permute(2, 0, 1)  # (heads, w*w, w*w)
+        if self.shift:
+            count = win.shape[0] // n
+            mask = self._mask(h, w, x.device)
+            bias = (bias[None] + mask[:, None]).repeat(n, 1, 1, 1)
+            bias = bias.reshape(n * count, self.heads, *bias.shape[-2:])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        out = self.proj(out.transpose(1, 2).flatten(2))
+        s = self.window
+        out = out.reshape(n, h // s, w // s, s, s, c).transpose(2, 3).reshape(n, h, w, c)
+        if self.shift:
+            out = torch.roll(out, (self.shift, self.shift), (1, 2))
+        t = t + out
+        t = t + self.mlp(self.norm2(t))
+        return t.permute(0, 3, 1, 2)
 
 
 def icnr_(conv: nn.Conv2d, scale: int) -> None:

@@ -7,9 +7,10 @@ A family registers, once, from its own folder:
   search space over those weights;
 - ``phases``: its training recipe, one :class:`Phase` per phase: the parts it keeps frozen
   (the rest are updated) and whether discriminators train beside it;
-- ``module``: where its torch code lives (imported on first use, so reading params and
-  checking inputs never imports torch), which defines ``build(net)``, ``losses(...)`` and,
-  for adversarial recipes, ``build_critic(net)``.
+- ``module``: its network (imported on first use, so reading params and checking inputs
+  never imports torch): ``build(net)`` and, for adversarial recipes, ``build_critic(net)``;
+  ``losses``: its training objectives, ``losses_for(phase, a, b, outputs, weights,
+  critic_logits)`` (imported only to train).
 
 ``create_model`` and ``list_families`` are the registry's face; the engine, inference,
 evaluation and MLOps code only ever ask the registry, never a family by name.
@@ -58,7 +59,8 @@ class Family:
     name: str  # registry key; the default registered-model name in MLflow
     config: type  # dataclass of the ``model.<name>`` params section
     phases: tuple[Phase, ...]
-    module: str  # dotted path of the torch code (build, losses, build_critic)
+    module: str  # dotted path of the network code (build, build_critic)
+    losses: str  # dotted path of the losses (losses_for)
     exact_tiling: bool = True  # tiled inference reproduces the whole image (fusion.inference)
     warm_phases: tuple[int, ...] = ()  # phases a warm start runs (from train.init); () = all
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"paper": {...}}
@@ -66,8 +68,12 @@ class Family:
     explains: bool = False  # the network offers ``explain(a, b)`` (e.g. contribution maps)
 
     def impl(self) -> ModuleType:
-        """The family's torch module (imported on first use)."""
+        """The family's network module (imported on first use)."""
         return importlib.import_module(self.module)
+
+    def objectives(self) -> ModuleType:
+        """The family's losses module (imported on first use)."""
+        return importlib.import_module(self.losses)
 
     def phase(self, number: int) -> Phase:
         if not 1 <= number <= len(self.phases):

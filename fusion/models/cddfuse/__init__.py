@@ -79,6 +79,7 @@ FAMILY = register_family(Family(
     phases=(Phase("reconstruction", frozen=("base_fuse", "detail_fuse"), fuses=False),
             Phase("fusion")),
     module="fusion.models.cddfuse.net",
+    losses="fusion.models.cddfuse.losses",
     warm_phases=(2,),
     # tiny: tests and smoke runs
     profiles={"tiny": {"net": {"dim": 8, "heads": 2, "encoder_blocks": 1, "decoder_blocks": 1,

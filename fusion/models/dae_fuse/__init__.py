@@ -83,6 +83,7 @@ FAMILY = register_family(Family(
                   fuses=False),
             Phase("fusion", adversarial=True)),
     module="fusion.models.dae_fuse.net",
+    losses="fusion.models.dae_fuse.losses",
     warm_phases=(2,),
     # The paper gives no sizes; these are the Restormer/CDDFuse widths it builds on.
     # tiny: tests and smoke runs

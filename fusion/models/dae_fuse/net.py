@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import build_sincos2d_pos_embed
-from timm.models.resnet import BasicBlock
-from timm.models.vision_transformer import Block
 from torch import nn
 
-from fusion.models import losses
-from fusion.models.dae_fuse import FeatureLoss, FusionLoss, Net
-from fusion.models.layers import GLOBAL_ATTENTION, RestormerBlock, icnr_, pad_to
+from fusion.models.dae_fuse import Net
+from fusion.models.layers import (
+    GLOBAL_ATTENTION,
+    BasicBlock,
+    RestormerBlock,
+    TokenBlock,
+    icnr_,
+    pad_to,
+    sincos_positions,
+)
 
 
 class LowFrequencyEncoder(nn.Module):
@@ -31,7 +35,7 @@ class LowFrequencyEncoder(nn.Module):
         super().__init__()
         self.patch = p.vit_patch
         self.embed = nn.Conv2d(dim, p.vit_dim, p.vit_patch, stride=p.vit_patch)
-        self.blocks = nn.ModuleList(Block(p.vit_dim, p.vit_heads, mlp_ratio=2.0, qkv_bias=True)
+        self.blocks = nn.ModuleList(TokenBlock(p.vit_dim, p.vit_heads, mlp_ratio=2.0)
                                     for _ in range(p.vit_depth))
         self.norm = nn.LayerNorm(p.vit_dim)
         self.out = nn.Conv2d(p.vit_dim, dim, 1)
@@ -41,7 +45,7 @@ class LowFrequencyEncoder(nn.Module):
         n, d, gh, gw = tokens.shape
         tiles = GLOBAL_ATTENTION.get()
         if tiles is None:
-            pos = build_sincos2d_pos_embed([gh, gw], d, device=x.device, dtype=tokens.dtype)
+            pos = sincos_positions((gh, gw), d, tokens.dtype, x.device)
         else:
             pos = tiles.positions(d, (gh, gw), tokens.dtype).to(x.device)
         t = tokens.flatten(2).transpose(1, 2) + pos
@@ -62,7 +66,7 @@ class DAEFuse(nn.Module):
         self.se_embed = nn.Conv2d(s2, c, 3, padding=1)
         self.se = nn.ModuleList(RestormerBlock(c, p.heads, p.ffn_factor)
                                 for _ in range(p.se_blocks))
-        self.dhe = nn.Sequential(*(BasicBlock(c, c) for _ in range(p.dhe_blocks)))
+        self.dhe = nn.Sequential(*(BasicBlock(c) for _ in range(p.dhe_blocks)))
         self.dle = LowFrequencyEncoder(c, p)
         self.dec_reduce = nn.Conv2d(2 * c, c, 1)
         self.dec = nn.ModuleList(RestormerBlock(c, p.heads, p.ffn_factor)
@@ -157,21 +161,3 @@ def build(net: Net) -> DAEFuse:
 
 def build_critic(net: Net) -> Discriminators:
     return Discriminators(net)
-
-
-def losses_for(phase: int, a: torch.Tensor, b: torch.Tensor, out: dict,
-               w: FeatureLoss | FusionLoss, d_fake: tuple[torch.Tensor, torch.Tensor]
-               ) -> dict[str, torch.Tensor]:
-    """Generator losses of a phase (DESIGN.md section 3); ``loss`` is what is minimised."""
-    adv = losses.generator_adversarial(*d_fake)
-    if phase == 1:
-        (rec_a, rec_b), (hf_a, hf_b), (lf_a, lf_b) = out["rec"], out["hf"], out["lf"]
-        corr = losses.decomposition_loss(hf_a, hf_b, lf_a, lf_b)
-        content = losses.content_loss(a, rec_a) + losses.content_loss(b, rec_b)
-        total = w.lam * adv + w.sigma * corr + (1 - w.sigma) * content
-        return {"loss": total, "adv": adv, "corr": corr, "content": content}
-    fused = out["fused"]
-    text = losses.texture_loss(fused, a, b)
-    inten = losses.intensity_loss(fused, a, b, w.int_sigma)
-    total = w.w_text * text + w.w_int * inten + w.w_adv * adv
-    return {"loss": total, "adv": adv, "text": text, "int": inten}

@@ -85,6 +85,7 @@ FAMILY = register_family(Family(
             Phase("contribution", frozen=("embed", "cnn", "swin", "merge", "decoder", "head",
                                           "head_full"))),
     module="fusion.models.mfdce_fuse.net",
+    losses="fusion.models.mfdce_fuse.losses",
     warm_phases=(2,),
     explains=True,
     # tiny: tests and smoke runs

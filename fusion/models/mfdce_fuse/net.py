@@ -15,35 +15,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.models.resnet import BasicBlock
-from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 
-from fusion.models import losses
-from fusion.models.layers import icnr_, pad_to
-from fusion.models.mfdce_fuse import AutoencoderLoss, FusionLoss, Net
+from fusion.models.layers import BasicBlock, WindowBlock, icnr_, pad_to
+from fusion.models.mfdce_fuse import Net
 
 HEAD_CHANNELS = 8
 EPS = 1e-8
 
 
-class Swin(nn.Module):
-    """timm Swin blocks on an (N, C, H, W) map, for any size (dynamic masks)."""
-
-    def __init__(self, p: Net) -> None:
-        super().__init__()
-        w = p.window
-        self.blocks = nn.ModuleList(
-            SwinTransformerBlock(p.channels, (w, w), num_heads=p.swin_heads, window_size=w,
-                                 shift_size=(w // 2) * (i % 2), always_partition=True,
-                                 dynamic_mask=True, mlp_ratio=p.mlp_ratio)
-            for i in range(p.swin_blocks))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.permute(0, 2, 3, 1)
-        for block in self.blocks:
-            t = block(t)
-        return t.permute(0, 3, 1, 2)
+def swin(p: Net) -> nn.Sequential:
+    """Swin blocks, every other one with shifted windows."""
+    return nn.Sequential(*(WindowBlock(p.channels, p.swin_heads, p.window,
+                                       (p.window // 2) * (i % 2), p.mlp_ratio)
+                           for i in range(p.swin_blocks)))
 
 
 class Contribution(nn.Module):
@@ -68,8 +53,8 @@ class MFDCEFuse(nn.Module):
         self.params = p
         c, s2, half = p.channels, p.stem_stride ** 2, p.channels // 2
         self.embed = nn.Conv2d(s2, c, 3, padding=1)
-        self.cnn = nn.Sequential(*(BasicBlock(c, c) for _ in range(p.cnn_blocks)))
-        self.swin = Swin(p)
+        self.cnn = nn.Sequential(*(BasicBlock(c) for _ in range(p.cnn_blocks)))
+        self.swin = swin(p)
         self.merge = nn.Conv2d(2 * c, c, 1)
         self.common = nn.Sequential(nn.Conv2d(c, half, 3, padding=1), nn.GELU(),
                                     nn.Conv2d(half, half, 1))
@@ -77,7 +62,7 @@ class MFDCEFuse(nn.Module):
                                      nn.Conv2d(half, half, 1))
         self.contribution = Contribution(p.smooth)
         self.decoder = nn.Sequential(nn.Conv2d(c, c, 1),
-                                     *(BasicBlock(c, c) for _ in range(p.decoder_blocks)))
+                                     *(BasicBlock(c) for _ in range(p.decoder_blocks)))
         self.head = nn.Conv2d(c, s2 * HEAD_CHANNELS, 3, padding=1)
         icnr_(self.head, p.stem_stride)
         self.head_full = nn.Conv2d(HEAD_CHANNELS, 1, 3, padding=1)
@@ -139,46 +124,3 @@ class MFDCEFuse(nn.Module):
 
 def build(net: Net) -> MFDCEFuse:
     return MFDCEFuse(net)
-
-
-def _embed(z: torch.Tensor) -> torch.Tensor:
-    """One vector per patch: global average of a feature map."""
-    return z.mean((2, 3))
-
-
-def disentangle_loss(out: dict, temperature: float) -> torch.Tensor:
-    """Common parts of A and B of one patch match each other better than other patches'
-    (InfoNCE both ways); private parts are orthogonal to each other and to the common ones
-    (mean squared cosine per pixel)."""
-    (ca, cb), (pa, pb) = out["common"], out["private"]
-    nce = (losses.info_nce(_embed(ca), _embed(cb), temperature)
-           + losses.info_nce(_embed(cb), _embed(ca), temperature)) / 2
-
-    def cos2(x, y):
-        return F.cosine_similarity(x, y, dim=1, eps=1e-6).square().mean()
-    return nce + cos2(pa, pb) + (cos2(ca, pa) + cos2(cb, pb)) / 2
-
-
-def losses_for(phase: int, a: torch.Tensor, b: torch.Tensor, out: dict,
-               w: AutoencoderLoss | FusionLoss, d_fake=None) -> dict[str, torch.Tensor]:
-    disentangle = disentangle_loss(out, w.temperature)
-    if phase == 1:
-        (rec_a, rec_b), (swap_a, swap_b) = out["rec"], out["swap"]
-        rec = sum(F.l1_loss(r, x) + losses.ssim_loss(x, r) for r, x in ((rec_a, a), (rec_b, b)))
-        swap = F.l1_loss(swap_a, a) + F.l1_loss(swap_b, b)
-        contrast = sum(losses.info_nce(_embed(zr), _embed(z), w.temperature)
-                       for zr, z in zip(out["z_rec"], out["z"], strict=True)) / 2
-        total = (w.w_rec * rec + w.w_contrast * contrast + w.w_swap * swap
-                 + w.w_disentangle * disentangle)
-        return {"loss": total, "rec": rec, "contrast": contrast, "swap": swap,
-                "disentangle": disentangle}
-    fused, weight = out["fused"], out["weight"]
-    (za, zb), zf = out["z"], out["z_fused"]
-    cell = F.avg_pool2d(weight, weight.shape[-1] // zf.shape[-1])  # weight per feature cell
-    percep = (cell * (zf - za).abs() + (1 - cell) * (zf - zb).abs()).mean()
-    text = losses.texture_loss(fused, a, b)
-    inten = losses.intensity_loss(fused, a, b, w.int_sigma)
-    total = (w.w_percep * percep + w.w_text * text + w.w_int * inten
-             + w.w_disentangle * disentangle)
-    return {"loss": total, "percep": percep, "text": text, "int": inten,
-            "disentangle": disentangle}
