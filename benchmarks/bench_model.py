@@ -1,76 +1,125 @@
-"""DAE-Fuse cost: parameters, GFLOPs per 640x480 pair, inference seconds and peak memory per
-768x576 pair, training patches/s. Usage: python benchmarks/bench_model.py [--set k=v ...]
-(model sizes from params.yaml; GPU rows are added when CUDA is available)."""
+"""Every family at its default (CPU) and paper sizes: parameters, GFLOPs per 640x480 pair,
+seconds and peak memory per 768x576 pair (torch, and onnxruntime for the defaults), and
+training patches/s per phase (128x128, batch 8).
+
+Each measurement runs in its own process (peak RSS is that setup's alone).
+Usage: python benchmarks/bench_model.py [--threads 2] [--repeat 3] [--families a,b]
+"""
 
 from __future__ import annotations
 
 import argparse
-import resource
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fusion.model import DAEFuse  # noqa: E402
-from fusion.params import load_params  # noqa: E402
-from fusion.train import Trainer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def timed(fn, repeat: int, device: str) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def measure(family: str, profile: str, threads: int, repeat: int, onnx: bool,
+            train: bool) -> dict:
+    """Child process: one family at one size."""
+    import resource
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT))
+    from fusion.models import create_model, get_family
+    from fusion.params import Params, family_profile, typed
+
+    torch.set_num_threads(threads)
+    fam = get_family(family)
+    net = fam.config().net
+    if profile != "default":
+        raw = family_profile(family, profile)["model"][family]["net"]
+        net = typed(type(net), {**net.__dict__, **raw}, "net")
+    model = create_model(family, net).eval()
+    out = {"family": family, "profile": profile,
+           "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.fuse(torch.rand(1, 1, 480, 640), torch.rand(1, 1, 480, 640))
+    out["gflops_640x480"] = counter.get_total_flops() / 1e9
+    a, b = torch.rand(1, 1, 576, 768), torch.rand(1, 1, 576, 768)
+    model = model.to(memory_format=torch.channels_last)
+    a, b = (x.contiguous(memory_format=torch.channels_last) for x in (a, b))
+    with torch.inference_mode():
+        model.fuse(a, b)
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            model.fuse(a, b)
+            times.append(time.perf_counter() - t0)
+    out["torch_s_768x576"] = min(times)
+    out["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if onnx:
+        import tempfile
+
+        import onnxruntime as ort
+
+        from fusion.inference.onnx import export_onnx
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_onnx(create_model(family, net).eval(), fam, Path(tmp) / "m.onnx")
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            session = ort.InferenceSession(str(path), options,
+                                           providers=["CPUExecutionProvider"])
+            feed = {"a": a.contiguous().numpy(), "b": b.contiguous().numpy()}
+            session.run(None, feed)
+            times = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                session.run(None, feed)
+                times.append(time.perf_counter() - t0)
+        out["onnx_s_768x576"] = min(times)
+    if train:
+        from fusion.engine.trainer import Trainer
+
+        params = typed(Params, {"model": {"family": family, family: {"net": net.__dict__}},
+                                "train": {"device": "cpu"}}, "")
+        for phase in (1, 2):
+            trainer = Trainer(params, phase)
+            pa, pb = torch.rand(8, 1, 128, 128), torch.rand(8, 1, 128, 128)
+            trainer.train_step(pa, pb)
+            t0 = time.perf_counter()
+            for _ in range(repeat):
+                trainer.train_step(pa, pb)
+            out[f"train{phase}_patches_s"] = 8 * repeat / (time.perf_counter() - t0)
+    return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--families", default="dae-fuse,cddfuse,mfdce-fuse")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    params = load_params(overrides=args.overrides)
-    model = DAEFuse(params.model).eval()
-    n_params = sum(p.numel() for p in model.parameters())
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.fuse(torch.rand(1, 1, 480, 640), torch.rand(1, 1, 480, 640))
-    print(f"model: {params.model}\n")
-    print(f"| parameters | {n_params / 1e6:.3f} M |\n|---|---|")
-    print(f"| GFLOPs per 640x480 pair (fuse) | {counter.get_total_flops() / 1e9:.1f} |")
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
-        m = DAEFuse(params.model).to(device).eval()
-        a, b = torch.rand(1, 1, 576, 768, device=device), torch.rand(1, 1, 576, 768,
-                                                                      device=device)
-        with torch.inference_mode():
-            m.fuse(a, b)
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            seconds = timed(lambda m=m, a=a, b=b: m.fuse(a, b), args.repeat, device)
-        if device == "cuda":
-            peak = f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB GPU"
-        else:
-            peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB RSS"
-        print(f"| {device}: seconds per 768x576 pair | {seconds:.3f} |")
-        print(f"| {device}: peak memory (process) | {peak} |")
-        batch = params.train.batch_size
-        size = 128
-        for phase in (1, 2):
-            trainer = Trainer(params, phase, device)
-            pa, pb = torch.rand(batch, 1, size, size), torch.rand(batch, 1, size, size)
-            trainer.train_step(pa, pb)
-            t = timed(lambda tr=trainer, pa=pa, pb=pb: tr.train_step(pa, pb), args.repeat,
-                      device)
-            print(f"| {device}: training phase {phase}, patches/s ({size}x{size}, batch "
-                  f"{batch}) | {batch / t:.1f} |")
+    if args.child:
+        family, profile = args.child.split(":")
+        print(json.dumps(measure(family, profile, args.threads, args.repeat,
+                                 onnx=profile == "default", train=profile == "default")))
+        return
+    rows = []
+    for family in args.families.split(","):
+        for profile in ("default", "paper"):
+            done = subprocess.run([sys.executable, __file__, "--child", f"{family}:{profile}",
+                                   "--threads", str(args.threads), "--repeat",
+                                   str(args.repeat)], capture_output=True, text=True,
+                                  check=True)
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    keys = ["params_M", "gflops_640x480", "torch_s_768x576", "onnx_s_768x576",
+            "peak_rss_MiB", "train1_patches_s", "train2_patches_s"]
+    print(f"torch threads: {args.threads}\n")
+    print("| family | size | " + " | ".join(keys) + " |")
+    print("|---|---|" + "---:|" * len(keys))
+    for row in rows:
+        cells = [f"{row[k]:.3g}" if k in row else "-" for k in keys]
+        print(f"| {row['family']} | {row['profile']} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

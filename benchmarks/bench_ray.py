@@ -17,8 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fusion.distributed import connect, train_ray  # noqa: E402
-from fusion.params import load_params  # noqa: E402
 from fusion.prepare import prepare  # noqa: E402
+
+from fusion.params import load_params  # noqa: E402
 
 
 def main() -> None:

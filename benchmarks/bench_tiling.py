@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fusion.inference import TileSpec, fuse_tensors  # noqa: E402
 from fusion.model import DAEFuse  # noqa: E402
+
+from fusion.inference import TileSpec, fuse_tensors  # noqa: E402
 from fusion.params import load_params  # noqa: E402
 
 SETUPS = [("whole image", 1 << 30, 0), ("tiles 1024, halo 64", 1024, 64),

@@ -161,10 +161,13 @@ def shared_ray(repo: Path, env: dict[str, str]) -> Iterator[dict[str, str]]:
     if named or load_params(repo / "params.yaml").ray.address:
         yield env
         return
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # as fusion.distributed
+    from fusion.engine.cluster import WORKER_ENV, local_cpus
+
+    for key, value in WORKER_ENV.items():
+        os.environ.setdefault(key, value)
     import ray
 
-    context = ray.init(logging_level="WARNING")
+    context = ray.init(address="local", num_cpus=local_cpus(), logging_level="WARNING")
     try:
         yield {**env, "RAY_ADDRESS": context.address_info["gcs_address"]}
     finally:

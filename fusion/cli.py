@@ -126,14 +126,18 @@ def _fuse(args: argparse.Namespace, params: Params) -> int:
 
 
 def _engine(args: argparse.Namespace, params: Params):
-    """The model of ``--model`` as an inference engine (torch, or an ONNX file)."""
+    """The model of ``--model`` as an inference engine (torch, or an ONNX file); a model
+    folder's config is checked before torch is imported."""
     if args.engine == "onnxruntime":
         from fusion.inference.onnx import OnnxEngine
 
         return OnnxEngine.open(args.model, params, threads=args.threads)
+    from fusion.engine.checkpoint import read_config
     from fusion.inference.fuse import TileSpec, TorchEngine
-    from fusion.mlops.registry import load_ref
+    from fusion.mlops.registry import alias_uri, is_uri, load_ref
 
+    if not is_uri(alias_uri(params, args.model)):
+        read_config(args.model)
     device = args.device or params.train.device
     if device == "auto":
         import torch

@@ -167,7 +167,7 @@ class MlflowParams:
     experiment: str = "fusion"
     model_name: str = ""  # registered model; "": the family's name
     registered: str = "reports/registered.json"  # the register stage's record (DVC out)
-    timeout_s: float = 30.0  # per HTTP request to a tracking server
+    timeout_s: float = 15.0  # per HTTP request to a tracking server (3 tries: under 60 s)
     retries: int = 2  # retries of a failed request (then exit 75, naming the server)
 
 

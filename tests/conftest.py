@@ -140,7 +140,7 @@ def s3_server():
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server):
-    """One two-node Ray cluster (one CPU each) for the whole session: starting Ray costs
+    """One two-node Ray cluster for the whole session: starting Ray costs
     tens of seconds on 2 cores. Depends on ``s3_server`` so workers see its credentials."""
     import ray
     from ray.cluster_utils import Cluster
@@ -149,8 +149,9 @@ def ray_cluster(s3_server):
 
     for key, value in WORKER_ENV.items():  # the Ray processes inherit them
         os.environ.setdefault(key, value)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
+    # two logical CPUs per node: one for a training worker, one for Ray Data's file listing
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address, logging_level="WARNING")
     yield cluster
     ray.shutdown()

@@ -81,15 +81,48 @@ def test_rerun_of_a_finished_run_exports_without_training(two_node_run):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_worker_death_resumes_from_s3_checkpoint(two_node_run, s3_server, tmp_path):
-    """Rank 1 exits hard at step 15; the group restarts from the step-10 checkpoint in S3
-    and ends where the uninterrupted run ended."""
-    clean, _ = two_node_run
+@pytest.fixture(scope="module")
+def one_worker_run(ray_cluster, tiny_runs, tmp_path_factory):
+    """CDDFuse (no discriminators) phase 1 on Ray Train with one worker."""
+    params = _ray_params(tiny_runs["cddfuse"], tmp_path_factory.mktemp("ray1"), num_workers=1)
+    train_ray(params, 1)
+    return params
+
+
+def test_one_worker_equals_the_single_process_loop_on_the_same_input(one_worker_run):
+    """The local loop fed the same Ray Data shard (one split, seeded shuffles) gives the
+    same curve as the Ray Train run: one loop, Ray or not."""
+    import ray.data
+
+    from fusion.engine.batches import COLUMNS, ShardBatches, source
+    from fusion.engine.trainer import Trainer
+
+    params = one_worker_run
+    src = source(params.train.data)
+    size, rows = src.layout("train")
+    ds = ray.data.read_parquet(src.files("train"), filesystem=src.fs, columns=COLUMNS,
+                               ray_remote_args={"num_cpus": 0})
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    (shard,) = ds.streaming_split(1, equal=True)
+    t = params.train
+    batches = ShardBatches(shard, t.batch_size, t.seed, t.crop, size, rows, 1)
+    trainer = Trainer(params, 1)
+    trainer.fit(batches.batch)
+    ray_curve = _curve(Path(t.curves) / "phase1_curve.csv")
+    local_curve = {int(r["step"]): r["loss"] for r in trainer.curve}
+    assert ray_curve.keys() == local_curve.keys()
+    np.testing.assert_allclose(list(ray_curve.values()), list(local_curve.values()), rtol=1e-4)
+
+
+def test_worker_death_resumes_from_s3_checkpoint(one_worker_run, s3_server, tmp_path):
+    """The worker exits hard at step 15; the group restarts from the step-10 checkpoint in
+    S3, skips the 10 batches it trained on, and ends with the uninterrupted run's weights."""
+    clean = one_worker_run
     s3 = boto3.client("s3", endpoint_url=s3_server)
     s3.create_bucket(Bucket="ckpt")
-    params = _ray_params(clean, tmp_path, num_workers=2, storage_path="s3://ckpt/runs",
+    params = _ray_params(clean, tmp_path, num_workers=1, storage_path="s3://ckpt/runs",
                          storage_endpoint=s3_server)
-    fault = Fault(step=15, marker=str(tmp_path / "fault-fired"), rank=1)
+    fault = Fault(step=15, marker=str(tmp_path / "fault-fired"), rank=0)
     train_ray(params, 1, fault=fault)
     assert Path(fault.marker).exists()
     config = json.loads((params.train.phase_out(1) / "config.json").read_text())
@@ -108,15 +141,59 @@ def test_worker_death_resumes_from_s3_checkpoint(two_node_run, s3_server, tmp_pa
         assert torch.load(io.BytesIO(body), weights_only=True)["phase"] == 1
 
 
-def test_one_worker_matches_the_single_process_loop(ray_cluster, tiny_runs, tmp_path):
-    """A family other than DAE-Fuse (no discriminators): Ray Train with one worker and the
-    local loop give the same curve."""
-    params = _ray_params(tiny_runs["cddfuse"], tmp_path, num_workers=1)
+def test_a_corrupt_newest_checkpoint_is_skipped(one_worker_run, tmp_path, capsys):
+    """Truncate the final checkpoint of a finished run and delete the export: the rerun
+    warns, naming it, resumes from the one before (a new attempt; Ray's own run snapshot is
+    never needed) and ends with the same weights."""
+    import shutil
+
+    params = _ray_params(one_worker_run, tmp_path, num_workers=1)
+    shutil.copytree(one_worker_run.ray.storage_path, params.ray.storage_path)
+    run = Path(params.ray.storage_path) / run_name(params, 1, workers=1)
+    final = next(run.glob("attempt-*/step-0000030"))
+    state = final / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    capsys.readouterr()
     train_ray(params, 1)
-    ray_curve = _curve(tmp_path / "reports" / "phase1_curve.csv")
-    local_curve = _curve(Path(tiny_runs["cddfuse"].train.curves) / "phase1_curve.csv")
-    assert ray_curve.keys() == local_curve.keys()
-    np.testing.assert_allclose(list(ray_curve.values()), list(local_curve.values()), rtol=1e-4)
+    err = capsys.readouterr().err
+    assert f"warning: skipping checkpoint {final}" in err and "state.pt has" in err
+    ours = load_file(params.train.phase_out(1) / "model.safetensors")
+    theirs = load_file(one_worker_run.train.phase_out(1) / "model.safetensors")
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in run.iterdir()) == ["attempt-002"]  # the older one pruned
+
+
+def test_no_patch_twice_in_an_epoch_per_worker(ray_cluster, tiny_run):
+    """Two workers' shards of one epoch are disjoint and without repeats, and cover every
+    patch but the remainder Ray Data drops to keep the split equal."""
+    import threading
+
+    import ray.data
+
+    from fusion.engine.batches import source
+
+    src = source(tiny_run.train.data)
+    _, rows = src.layout("train")
+    ds = ray.data.read_parquet(src.files("train"), filesystem=src.fs,
+                               columns=["pair_id", "y", "x"], ray_remote_args={"num_cpus": 0})
+    shards = ds.streaming_split(2, equal=True)
+    seen: list[list[tuple]] = [[], []]
+
+    def consume(i: int) -> None:
+        for batch in shards[i].iter_batches(batch_size=4, batch_format="numpy",
+                                            local_shuffle_buffer_size=16,
+                                            local_shuffle_seed=7):
+            seen[i] += list(zip(batch["pair_id"], batch["y"], batch["x"], strict=True))
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert all(len(s) == len(set(s)) for s in seen)
+    assert not set(seen[0]) & set(seen[1])
+    assert len(seen[0]) == len(seen[1]) == rows // 2
 
 
 def test_storage_paths(tmp_path, monkeypatch):

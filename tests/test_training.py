@@ -25,7 +25,7 @@ FAMILIES = list_families()
 
 
 def _fixed_batch(params):
-    return PatchStream(Path(params.train.data) / "patches", "train", 8, seed=123).batch(0)
+    return PatchStream(params.train.data, "train", 8, seed=123).batch(0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -80,7 +80,7 @@ def test_a_broken_export_is_a_clear_error(tiny_run, tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_resume_gives_the_same_weights(tiny_runs, family, tmp_path):
     params = tiny_runs[family]
-    stream = PatchStream(Path(params.train.data) / "patches", "train", 4, seed=0)
+    stream = PatchStream(params.train.data, "train", 4, seed=0)
     straight = Trainer(params, 1)
     straight.fit(stream.batch, until=8)
     first = Trainer(params, 1)
@@ -88,7 +88,7 @@ def test_resume_gives_the_same_weights(tiny_runs, family, tmp_path):
     save_state(first.state(), tmp_path / "ck")
     resumed = Trainer(params, 1)
     resumed.load(load_state(tmp_path / "ck"))
-    resumed.fit(PatchStream(Path(params.train.data) / "patches", "train", 4, seed=0).batch,
+    resumed.fit(PatchStream(params.train.data, "train", 4, seed=0).batch,
                 until=8)
     assert resumed.step == straight.step == 8
     for (name, p), q in zip(straight.model.state_dict().items(),

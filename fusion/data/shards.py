@@ -72,10 +72,13 @@ def shard_paths(folder: str | Path, split: str) -> list[Path]:
     return sorted(Path(folder).glob(f"{split}-*.parquet"))
 
 
-def decode_patches(column: pa.Array, bits: pa.Array, size: int) -> np.ndarray:
-    """Binary patch column -> float32 (N, size, size) in [0, 1]."""
-    out = np.empty((len(column), size, size), dtype=np.float32)
-    for i, (raw, depth) in enumerate(zip(column.to_pylist(), bits.to_pylist(), strict=True)):
+def decode_patches(column, bits, size: int) -> np.ndarray:
+    """Binary patch column (pyarrow array or sequence of bytes) and bit depths -> float32
+    (N, size, size) in [0, 1]."""
+    raws = column.to_pylist() if isinstance(column, pa.Array) else list(column)
+    depths = bits.to_pylist() if isinstance(bits, pa.Array) else list(bits)
+    out = np.empty((len(raws), size, size), dtype=np.float32)
+    for i, (raw, depth) in enumerate(zip(raws, depths, strict=True)):
         dtype = np.dtype("<u2") if depth == 16 else np.uint8
         out[i] = np.frombuffer(raw, dtype=dtype).reshape(size, size)
         out[i] /= 65535.0 if depth == 16 else 255.0

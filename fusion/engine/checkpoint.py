@@ -18,18 +18,17 @@ import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from fusion.errors import FusionError
 from fusion.files import fresh_tmp, replace_dir, sha256_file, writable
 from fusion.models.registry import get_family
 
-Weights = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]  # network, critic
+if TYPE_CHECKING:  # torch is imported where weights are touched: reading a config stays fast
+    import torch
+    from torch import nn
+
+Weights = tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"] | None]  # network, critic
 FORMAT = "fusion-model/2"
 STATE_FILE = "state.pt"
 MANIFEST = "manifest.json"
@@ -38,6 +37,8 @@ MODEL_FILE, CRITIC_FILE, CONFIG_FILE = "model.safetensors", "critic.safetensors"
 
 def save_state(state: dict[str, Any], dest: str | Path) -> Path:
     """Write a training checkpoint folder atomically, its manifest last."""
+    import torch
+
     dest = Path(dest)
     tmp = fresh_tmp(dest)
     try:
@@ -71,6 +72,8 @@ def check_state(manifest: bytes | None, state: bytes | None) -> str:
 
 
 def read_state(data: bytes, where: str) -> dict[str, Any]:
+    import torch
+
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
@@ -93,6 +96,8 @@ def load_state(folder: str | Path) -> dict[str, Any]:
 def export_model(dest: str | Path, family: str, net: Any, model: nn.Module,
                  critic: nn.Module | None, info: dict[str, Any]) -> Path:
     """Write weights (safetensors) + config.json for inference and the next phase."""
+    from safetensors.torch import save_file
+
     dest = Path(dest)
     tmp = fresh_tmp(dest)
     try:
@@ -134,6 +139,9 @@ def net_params(config: dict[str, Any]) -> Any:
 
 def load_weights(folder: str | Path) -> Weights:
     """(network, critic or None) state dicts of an export, e.g. to start the next phase."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     folder = Path(folder)
     read_config(folder)
     try:
@@ -144,8 +152,11 @@ def load_weights(folder: str | Path) -> Weights:
         raise FusionError(f"{folder}: cannot load weights ({exc})") from exc
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+def load_model(folder: str | Path, device: str = "cpu") -> nn.Module:
     """Build the export's family network from config.json and load its weights (no pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     config = read_config(folder)
     family = get_family(config["family"])
     model = family.impl().build(net_params(config))

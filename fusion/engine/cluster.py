@@ -38,12 +38,19 @@ def connect(address: str = "") -> str:
     address = address or os.environ.get("RAY_ADDRESS", "")
     if ray.is_initialized():
         return address or "local"
+    options = {} if address else {"num_cpus": local_cpus()}
     try:
         ray.init(address=address or "local", logging_level="WARNING", log_to_driver=True,
-                 configure_logging=True)
+                 **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise TransientError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from exc
     return address or "local"
+
+
+def local_cpus() -> int:
+    """Logical CPUs of a local instance: the cores plus one, which Ray Data's file-listing
+    task needs while the training workers hold every core (it only lists files)."""
+    return (os.cpu_count() or 1) + 1
 
 
 def storage(params: Params) -> tuple[str, Any]:
@@ -90,6 +97,36 @@ def run_config(name: str, root: str, fs: Any, max_failures: int, **options: Any)
                                failure_config=ray.train.FailureConfig(max_failures=max_failures),
                                logging_config=ray.train.LoggingConfig(log_level="ERROR"),
                                **options)
+
+
+def train_dataset(params: Params) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """The training split as a Ray Data dataset read from ``train.data`` (a folder or
+    ``s3://``): (``datasets=`` for the TorchTrainer, what workers need to read it, its
+    ``DataConfig``). Read tasks take no CPU slot: the workers hold the CPUs, and reading
+    Parquet is I/O."""
+    import ray.data
+    import ray.train
+
+    from fusion.engine.batches import COLUMNS, source
+
+    src = source(params.train.data, params.ray.storage_endpoint)
+    size, rows = src.layout("train")
+    ds = ray.data.read_parquet(src.files("train"), filesystem=src.fs, columns=COLUMNS,
+                               ray_remote_args={"num_cpus": 0})
+    options = ray.data.ExecutionOptions(preserve_order=True)
+    return ({"train": ds}, {"patch_size": size, "rows": rows, "data": src.uri},
+            ray.train.DataConfig(datasets_to_split=["train"], execution_options=options))
+
+
+def worker_batches(params: Params, layout: dict[str, Any], world: int) -> Any:
+    """This worker's batches from its shard of the training dataset."""
+    import ray.train
+
+    from fusion.engine.batches import ShardBatches
+
+    t = params.train
+    return ShardBatches(ray.train.get_dataset_shard("train"), t.batch_size, t.seed, t.crop,
+                        layout["patch_size"], layout["rows"], world)
 
 
 def scaling(params: Params) -> Any:

@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from fusion.engine.checkpoint import MANIFEST, STATE_FILE, check_state, read_state, save_state
-from fusion.engine.cluster import connect, run_config, scaling, storage, worker_setup
+from fusion.engine.cluster import (
+    connect,
+    run_config,
+    scaling,
+    storage,
+    train_dataset,
+    worker_batches,
+    worker_setup,
+)
 from fusion.engine.runs import (
     NO_START,
     Sink,
@@ -107,10 +115,11 @@ class RunStore:
 
 
 def shipped(params: Params) -> Params:
-    """Params for workers, which may run elsewhere (another cwd, another node with a
-    shared filesystem): the dataset path made absolute."""
+    """Params for workers, which may run elsewhere (another cwd): a local dataset path made
+    absolute (an s3:// one is read by every node as it is)."""
     t = params.train
-    return replace(params, train=replace(t, data=str(Path(t.data).resolve())))
+    data = t.data if "://" in t.data else str(Path(t.data).resolve())
+    return replace(params, train=replace(t, data=data))
 
 
 def _worker(config: dict[str, Any]) -> None:
@@ -118,8 +127,6 @@ def _worker(config: dict[str, Any]) -> None:
     run the shared loop, report metrics and checkpoints."""
     import ray.train
     import ray.train.torch
-
-    from fusion.engine.batches import PatchStream
 
     params: Params = config["params"]
     phase: int = config["phase"]
@@ -133,9 +140,7 @@ def _worker(config: dict[str, Any]) -> None:
         trainer.load(state)
         if rank == 0:
             print(f"phase {phase}: resuming from step {trainer.step}", file=sys.stderr)
-    t = params.train
-    stream = PatchStream(Path(t.data) / "patches", "train", t.batch_size, t.seed,
-                         rank=rank, world=world, crop=t.crop)
+    stream = worker_batches(params, config["layout"], world)
     sink: Sink | None = config["sink"] if rank == 0 else None
     shown = reporter(phase, trainer.steps, sink) if rank == 0 else Hooks()
 
@@ -201,11 +206,12 @@ def _fit(params: Params, phase: int, start: Start, init: Any, name: str, store: 
     from ray.train import CheckpointConfig
 
     t, r = params.train, params.ray
+    datasets, layout, data_config = train_dataset(shipped(params))
     trainer = ray.train.torch.TorchTrainer(
         _worker,
         train_loop_config={"params": shipped(params), "phase": phase, "init": init,
-                           "fault": fault, "store": store, "sink": sink},
-        scaling_config=scaling(params),
+                           "fault": fault, "store": store, "sink": sink, "layout": layout},
+        scaling_config=scaling(params), datasets=datasets, dataset_config=data_config,
         run_config=run_config(attempt, store.root, store.fs, r.max_failures,
                               checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)))
     print(f"phase {phase}: Ray Train run {name}/{attempt} ({r.num_workers} worker(s)) -> "

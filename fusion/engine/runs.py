@@ -33,7 +33,7 @@ from fusion.engine.checkpoint import (
 from fusion.engine.code import TRAINING_CODE
 from fusion.engine.trainer import Hooks, Trainer, resolve_device
 from fusion.errors import FusionError
-from fusion.files import sha256_file, sha256_tree, write_text
+from fusion.files import sha256_tree, write_text
 from fusion.params import Params
 
 REPO = Path(__file__).resolve().parents[2]  # where TRAINING_CODE's paths start
@@ -63,17 +63,21 @@ def _digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _file_sha(path: Path) -> str:
-    return sha256_file(path) if path.exists() else "missing"
-
-
 def _shaping(params: Params, phase: int) -> dict[str, Any]:
     """What shapes phase ``phase``'s weights apart from its starting weights."""
     t = params.train
     return {"family": params.model.family, "net": dataclasses.asdict(params.config.net),
             "loss": dataclasses.asdict(params.family.loss(params.config, phase)),
             "train": {**{k: getattr(t, k) for k in RESULT_KEYS}, "steps": t.steps[phase - 1]},
-            "manifest": _file_sha(Path(t.data) / "manifest.parquet"), "code": code_digest()}
+            "manifest": manifest_digest(params), "code": code_digest()}
+
+
+def manifest_digest(params: Params) -> str:
+    """SHA-256 of the prepared dataset's manifest (local folder or S3), "missing" if none."""
+    from fusion.engine.batches import source
+
+    data = source(params.train.data, params.ray.storage_endpoint).read("manifest.parquet")
+    return hashlib.sha256(data).hexdigest() if data is not None else "missing"
 
 
 def start_digest(params: Params, phase: int, start: Start) -> str:
@@ -252,7 +256,7 @@ def train_local(params: Params, phase: int, start: Start = NO_START, fresh: bool
     if state is not None:
         trainer.load(state)
         print(f"phase {phase}: resuming {name} from step {trainer.step}", file=sys.stderr)
-    stream = PatchStream(Path(t.data) / "patches", "train", t.batch_size, t.seed, crop=t.crop)
+    stream = PatchStream(t.data, "train", t.batch_size, t.seed, crop=t.crop)
 
     shown = reporter(phase, trainer.steps, sink)
 

@@ -69,11 +69,15 @@ class Trainer:
             if self.critic is not None and critic_sd is not None:
                 self.critic.load_state_dict(critic_sd)
         children = dict(self.model.named_children())
-        unknown = set(self.spec.frozen) - set(children)
+        # the recipe's frozen parts, and parts this configuration leaves unused (e.g. an
+        # optional head): both must get no gradient, or DDP would wait for one
+        idle = getattr(self.model, "idle", lambda phase: ())(phase)
+        frozen = set(self.spec.frozen) | set(idle)
+        unknown = {n for n in frozen if n not in children and getattr(self.model, n, 0) is not None}
         if unknown:
             raise ValueError(f"{family.name} phase {phase}: no parts named {sorted(unknown)}")
         for name, module in children.items():
-            module.requires_grad_(name not in self.spec.frozen)
+            module.requires_grad_(name not in frozen)
         self.model.to(self.device)
         self.net = wrap(self.model)
         self.steps = t.steps[phase - 1]

@@ -25,7 +25,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fusion.engine.cluster import connect, run_config, scaling, storage, worker_setup
+from fusion.engine.cluster import (
+    connect,
+    run_config,
+    scaling,
+    storage,
+    train_dataset,
+    worker_batches,
+    worker_setup,
+)
 from fusion.engine.ray_runner import shipped
 from fusion.engine.runs import NO_START, Start, phase_weights
 from fusion.errors import FusionError
@@ -72,7 +80,6 @@ def _trial_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from fusion.engine.batches import PatchStream
     from fusion.engine.trainer import Hooks, Trainer
     from fusion.evaluation.validation import ValidationScore
     from fusion.inference.fuse import TorchEngine
@@ -80,9 +87,7 @@ def _trial_worker(config: dict[str, Any]) -> None:
     params: Params = config["params"]
     start: Start = config["start"]
     rank, world, device = worker_setup(params)
-    t = params.train
-    stream = PatchStream(Path(t.data) / "patches", "train", t.batch_size, t.seed,
-                         rank=rank, world=world, crop=t.crop)
+    stream = worker_batches(params, config["layout"], world)
     phases = [n for n in range(1, len(params.family.phases) + 1)
               if params.family.runs_phase(n, start.warm)]
     weights = config["init"]
@@ -115,10 +120,11 @@ def _trial(config: dict[str, Any], base: Params, val: list, start: Start, init: 
     params = trial_params(base, config)
     root, fs = storage(base)
     trial_id = tune.get_context().get_trial_id()
+    datasets, layout, data_config = train_dataset(params)
     trainer = ray.train.torch.TorchTrainer(
         _trial_worker, train_loop_config={"params": params, "val": val, "start": start,
-                                          "init": init},
-        scaling_config=scaling(params),
+                                          "init": init, "layout": layout},
+        scaling_config=scaling(params), datasets=datasets, dataset_config=data_config,
         run_config=run_config(f"search-{study_name(base)}-{trial_id}", root, fs,
                               base.ray.max_failures, callbacks=[TuneReportCallback()]))
     trainer.fit()

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fusion import chaos
 from fusion.errors import FusionError, TransientError
 from fusion.params import MlflowParams, Params, to_dict
 
@@ -133,8 +134,11 @@ class MlflowSink:
 
     def open(self) -> None:
         """Make the run active in this process, with system metrics (CPU, memory)."""
+        import logging
+
         import mlflow
 
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(self.timeout_s)))
         mlflow.set_tracking_uri(self.uri)
         mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
@@ -305,6 +309,7 @@ def _log_and_register(params: Params, digest: str, fp: str, key: str) -> str:
         with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=parent):
             info = log_pyfunc({WEIGHTS: ev.model, ONNX: str(_onnx(params, Path(tmp)))})
         version = mlflow.register_model(info.model_uri, params.model_name, tags=tags)
+        chaos.point("register:version-created")
     except BaseException:
         _close(client, parent, "FAILED")
         raise

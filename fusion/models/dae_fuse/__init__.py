@@ -26,6 +26,7 @@ class Net:
     decoder_blocks: int = 1
     disc_channels: int = 32
     disc_layers: int = 4
+    fusion_head: str = "decoder"  # "decoder": the paper's; "prior": (A+B)/2 + learned residual
 
     def __post_init__(self) -> None:
         from fusion.errors import FusionError
@@ -33,6 +34,8 @@ class Net:
         if self.channels % self.heads or self.vit_dim % self.vit_heads:
             raise FusionError("model.dae-fuse.net: channels and vit_dim must be divisible by "
                               "their numbers of heads")
+        if self.fusion_head not in ("decoder", "prior"):
+            raise FusionError("model.dae-fuse.net.fusion_head must be 'decoder' or 'prior'")
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,8 @@ class Config:
 FAMILY = register_family(Family(
     name="dae-fuse",
     config=Config,
-    phases=(Phase("features", frozen=("cross_a", "cross_b", "fuse_reduce"), adversarial=True,
-                  fuses=False),
+    phases=(Phase("features", frozen=("cross_a", "cross_b", "fuse_reduce", "fuse_head"),
+                  adversarial=True, fuses=False),
             Phase("fusion", adversarial=True)),
     module="fusion.models.dae_fuse.net",
     losses="fusion.models.dae_fuse.losses",

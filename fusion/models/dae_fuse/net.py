@@ -76,9 +76,19 @@ class DAEFuse(nn.Module):
         self.dec_out = nn.Conv2d(c, s2 * 8, 3, padding=1)
         icnr_(self.dec_out, p.stem_stride)
         self.dec_full = nn.Conv2d(8, 1, 3, padding=1)
+        # fusion_head "prior": the fused image is mean fusion plus a learned correction,
+        # which starts at zero, so phase II starts from (A + B) / 2 and dark stays dark
+        self.fuse_head = nn.Conv2d(8, 1, 3, padding=1) if p.fusion_head == "prior" else None
+        if self.fuse_head is not None:
+            nn.init.zeros_(self.fuse_head.weight)
+            nn.init.zeros_(self.fuse_head.bias)
         self.cross_a = RestormerBlock(2 * c, p.heads, p.fusion_ffn_factor, cross=True)
         self.cross_b = RestormerBlock(2 * c, p.heads, p.fusion_ffn_factor, cross=True)
         self.fuse_reduce = nn.Conv2d(4 * c, 2 * c, 1)
+
+    def idle(self, phase: int) -> tuple[str, ...]:
+        """Parts this configuration does not use in a phase (the trainer freezes them)."""
+        return ("dec_full",) if phase == 2 and self.fuse_head is not None else ()
 
     @property
     def multiple(self) -> int:
@@ -92,12 +102,15 @@ class DAEFuse(nn.Module):
             s = block(s)
         return self.dhe(s), self.dle(s)
 
-    def decode(self, phi: torch.Tensor) -> torch.Tensor:
+    def _decoded(self, phi: torch.Tensor) -> torch.Tensor:
+        """The decoder's full-resolution feature map (before the output conv)."""
         x = self.dec_reduce(phi)
         for block in self.dec:
             x = block(x)
-        x = F.pixel_shuffle(self.dec_out(x), self.params.stem_stride)
-        return torch.sigmoid(self.dec_full(F.gelu(x)))
+        return F.gelu(F.pixel_shuffle(self.dec_out(x), self.params.stem_stride))
+
+    def decode(self, phi: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.dec_full(self._decoded(phi)))
 
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Phase I: (reconstruction, high-freq features, low-freq features)."""
@@ -113,7 +126,10 @@ class DAEFuse(nn.Module):
         phi_a, phi_b = torch.cat([hf, lf], 1).chunk(2, 0)
         fused = self.fuse_reduce(torch.cat([self.cross_a(phi_a, phi_b),
                                             self.cross_b(phi_b, phi_a)], 1))
-        return self.decode(fused)[..., :h, :w]
+        if self.fuse_head is None:
+            return self.decode(fused)[..., :h, :w]
+        correction = torch.tanh(self.fuse_head(self._decoded(fused)))
+        return ((ap + bp) / 2 + correction).clamp(0, 1)[..., :h, :w]
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, phase: int = 2) -> dict:
         """Training outputs of a phase (through forward, so that DDP sees every call)."""
