@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fusion.scoring import read_grey  # noqa: E402
-
-from fusion import metrics  # noqa: E402
+from fusion.evaluation import EIGHT, metrics  # noqa: E402
+from fusion.evaluation.scoring import read_grey  # noqa: E402
 from tests import reference_metrics as ref  # noqa: E402
 
 REFERENCE = {
@@ -58,7 +57,7 @@ def main() -> None:
         f"ours {d}" for d in devices) + " | speed-up (cpu) |"
     print(header + "\n" + "|---" * (3 + len(devices)) + "|")
     totals = {"reference": 0.0, **{d: 0.0 for d in devices}}
-    for name in metrics.EIGHT:
+    for name in EIGHT:
         t_ref = best_of(lambda n=name: [REFERENCE[n](*t) for t in triples], args.repeat)
         row = [t_ref / len(triples)]
         for device in devices:
@@ -80,7 +79,7 @@ def main() -> None:
           + " | ".join(f"{totals[d]:.4f}" for d in devices)
           + f" | {totals['reference'] / totals['cpu']:.0f}x |")
     one = [torch.from_numpy(x) for x in triples[0]]
-    t_all = best_of(lambda: metrics.compute(*one, names=metrics.EIGHT), args.repeat)
+    t_all = best_of(lambda: metrics.compute(*one, names=EIGHT), args.repeat)
     print(f"\nall eight in one `metrics.compute` call, cpu: {t_all:.4f} s per pair")
 
 

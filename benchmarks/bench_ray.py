@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fusion.distributed import connect, train_ray  # noqa: E402
-from fusion.prepare import prepare  # noqa: E402
-
+from fusion.data.prepare import prepare  # noqa: E402
+from fusion.engine.cluster import connect  # noqa: E402
+from fusion.engine.ray_runner import train_ray  # noqa: E402
 from fusion.params import load_params  # noqa: E402
 
 
@@ -41,10 +41,9 @@ def main() -> None:
     rows = []
     for workers, cpus, gpu in setups:
         out = tmp / f"w{workers}c{cpus:g}{'g' if gpu else ''}"
-        train = replace(base.train, data=data.out, phase1_steps=args.steps,
-                        log_every=args.log_every,
-                        checkpoint_every=args.steps, phase1_out=str(out / "model"),
-                        curves=str(out))
+        train = replace(base.train, data=data.out, steps=[args.steps, args.steps],
+                        log_every=args.log_every, checkpoint_every=args.steps,
+                        out=str(out / "models"), curves=str(out), init="")
         ray = replace(base.ray, num_workers=workers, use_gpu=gpu, cpus_per_worker=cpus,
                       storage_path=str(out / "ck"))
         params = replace(base, data=data, train=train, ray=ray)

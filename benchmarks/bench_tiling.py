@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fusion.model import DAEFuse  # noqa: E402
-
-from fusion.inference import TileSpec, fuse_tensors  # noqa: E402
+from fusion.inference.fuse import TileSpec, TorchEngine  # noqa: E402
+from fusion.models import create_model  # noqa: E402
 from fusion.params import load_params  # noqa: E402
 
 SETUPS = [("whole image", 1 << 30, 0), ("tiles 1024, halo 64", 1024, 64),
@@ -30,13 +29,15 @@ SETUPS = [("whole image", 1 << 30, 0), ("tiles 1024, halo 64", 1024, 64),
 def one(args: argparse.Namespace) -> None:
     """Child process: fuse one image with one setup, save the result, print the numbers."""
     torch.manual_seed(0)
-    model = DAEFuse(load_params(overrides=args.overrides).model).eval()
+    params = load_params(overrides=args.overrides)
+    model = create_model(params.model.family, params.config.net).eval()
+    engine = TorchEngine(model, params.family, TileSpec(args.size, args.halo))
     gen = torch.Generator().manual_seed(1)
     a, b = (torch.nn.functional.avg_pool2d(torch.rand(1, 1, args.height, args.width,
-                                                      generator=gen), 3, 1, 1)
+                                                      generator=gen), 3, 1, 1)[0, 0].numpy()
             for _ in range(2))
     t0 = time.perf_counter()
-    fused = fuse_tensors(model, a, b, TileSpec(args.size, args.halo))
+    fused = torch.from_numpy(engine(a, b))
     seconds = time.perf_counter() - t0
     torch.save(fused, args.out)
     print(json.dumps({"seconds": seconds,
@@ -70,7 +71,7 @@ def main() -> None:
         rows.append((name, numbers["seconds"], numbers["rss_mib"], diff.mean().item() * 255,
                      diff.max().item() * 255))
     scratch.cleanup()
-    print(f"{args.width}x{args.height} pair, default model, CPU threads: "
+    print(f"{args.width}x{args.height} pair, default model of model.family, CPU threads: "
           f"{torch.get_num_threads()}\n")
     print("| setup | seconds | peak RSS MiB | mean diff (/255) | max diff (/255) |")
     print("|---|---:|---:|---:|---:|")

@@ -1,4 +1,5 @@
-"""Multi-modality image fusion: data preparation, DAE-Fuse training, inference and metrics.
+"""Multi-modality image fusion: data preparation, training of the registered model
+families, inference and metrics.
 
 The package is a plain library: importing it starts no Ray, Prefect or MLflow
 machinery; orchestration lives in ``flows/`` and the stage CLIs.

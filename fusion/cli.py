@@ -63,6 +63,7 @@ def _train(args: argparse.Namespace, params: Params) -> int:
     from fusion.mlops.tracking import phase_sink
 
     params.family.phase(args.phase)
+    _publish(params)
     start = resolve_start(params)
     workers = None if args.local else params.ray.num_workers
     sink = None
@@ -80,6 +81,21 @@ def _train(args: argparse.Namespace, params: Params) -> int:
                         sink=sink)
     print(f"phase {args.phase}: model exported to {out}")
     return 0
+
+
+def _publish(params: Params) -> None:
+    """``train.data`` on S3 with the prepared dataset here (``data.out``): copy it there
+    first, so that workers on nodes without a copy read it (a cluster job without a local
+    copy reads what is already there)."""
+    if not params.train.data.startswith("s3://"):
+        return
+    if not (Path(params.data.out) / "manifest.parquet").is_file():
+        return
+    from fusion.data.shards import publish
+
+    copied = publish(params.data.out, params.train.data, params.ray.storage_endpoint)
+    print(f"train.data: {copied} files of {params.data.out} copied to {params.train.data}"
+          if copied else f"train.data: {params.train.data} already holds {params.data.out}")
 
 
 def _fuse_target(a: Path, out: Path) -> Path:
@@ -272,7 +288,8 @@ else 8-bit. The format follows -o's suffix (.png, .tif, .jpg, .bmp); a format th
 hold the result (16-bit into .jpg) is refused before the model loads.
 
 --explain FILE writes the contribution map of source A (8-bit grey, 255 = all A) for
-families that estimate one (mfdce-fuse); in folder mode maps go to OUT/contribution/.
+families that estimate one (`explains` in the registry); in folder mode maps go to
+OUT/contribution/
 """
 
 
@@ -299,8 +316,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     p = sub.add_parser("train", help="train one phase of the family's recipe (model.family)")
     _common(p)
     p.add_argument("--phase", type=int, required=True, metavar="N",
-                   help="phase of the recipe, from 1 (e.g. dae-fuse: 1 adversarial feature "
-                        "extraction, 2 cross-modality fusion, which starts from phase 1)")
+                   help="phase of the recipe, from 1; each phase starts from the one before "
+                        "(docs/families.md lists each family's phases)")
     p.add_argument("--fresh", action="store_true",
                    help="discard this configuration's checkpoints instead of resuming")
     p.add_argument("--address", default="",
@@ -315,7 +332,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
     p.add_argument("--model", required=True,
-                   help="exported model folder, MLflow URI (models:/dae-fuse@champion), "
+                   help="exported model folder, MLflow URI (models:/<name>@champion), "
                         "@alias of the active family, or an .onnx file (--engine onnxruntime)")
     p.add_argument("--a", required=True, help="source A image or folder (ir / mri)")
     p.add_argument("--b", required=True, help="source B image or folder (vi / ct / pet ...)")

@@ -14,8 +14,9 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from fusion.errors import BadInputError
+from fusion.errors import BadInputError, FusionError
 
 
 @contextmanager
@@ -84,3 +85,37 @@ def sha256_tree(paths: list[Path], root: Path) -> str:
             digest.update(str(file.relative_to(root)).encode())
             digest.update(sha256_file(file).encode() if file.exists() else b"missing")
     return digest.hexdigest()
+
+
+def filesystem(uri: str, endpoint: str = "", what: str = "path") -> tuple[str, Any]:
+    """(root, pyarrow filesystem) of a local folder or an ``s3://bucket/prefix``; ``what``
+    names the setting in the error for any other scheme."""
+    from urllib.parse import urlparse
+
+    import pyarrow.fs as pafs
+
+    url = urlparse(uri)
+    if url.scheme == "s3":
+        return f"{url.netloc}{url.path}".rstrip("/"), s3_filesystem(endpoint)
+    if url.scheme not in ("", "file"):
+        raise FusionError(f"{what} {uri!r}: only local folders and s3:// are supported")
+    return str(Path(url.path if url.scheme else uri).resolve()), pafs.LocalFileSystem()
+
+
+def s3_filesystem(endpoint: str = "") -> Any:
+    """pyarrow S3 filesystem: ``endpoint`` (else ``$AWS_ENDPOINT_URL``) for S3-compatible
+    stores; requests time out and are retried with backoff, so a short outage of the store
+    delays a read or a checkpoint instead of failing it."""
+    import pyarrow.fs as pafs
+
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
+    options: dict[str, Any] = {"connect_timeout": 10, "request_timeout": 30,
+                               "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=10)}
+    if endpoint:
+        options["endpoint_override"] = endpoint
+        if endpoint.startswith("http://"):
+            options["scheme"] = "http"
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        options["region"] = region
+    return pafs.S3FileSystem(**options)

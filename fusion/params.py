@@ -44,13 +44,19 @@ class DataParams:
             raise FusionError("data.max_pixels must be positive")
 
 
+def _default_family() -> str:
+    from fusion.models.registry import DEFAULT_FAMILY
+
+    return DEFAULT_FAMILY
+
+
 @dataclass(frozen=True)
 class ModelParams:
     """The ``model`` section: which family trains, and one typed section per family
     (``model.<family>``: sizes, loss weights of each phase, search space; see
     ``fusion.models``). Sections of other families are kept, and checked, too."""
 
-    family: str = "dae-fuse"
+    family: str = field(default_factory=lambda: _default_family())
     configs: dict[str, Any] = field(default_factory=dict)  # family name -> its Config
 
     @property
@@ -282,7 +288,7 @@ def _model_section(raw: Any, where: str) -> ModelParams:
     unknown = sorted(set(raw) - {"family", *families})
     if unknown:
         raise FusionError(f"{where}: unknown key(s) {unknown}; known: family, {families}")
-    family = _check_type(raw.get("family", ModelParams.family), str, f"{where}.family")
+    family = _check_type(raw.get("family", _default_family()), str, f"{where}.family")
     get_family(family)  # a clear error for an unknown name
     configs = {}
     for name in families:

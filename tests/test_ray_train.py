@@ -212,3 +212,24 @@ def test_run_name_hashes_the_worker_count(tiny_run):
              run_name(tiny_run, 1, workers=2), run_name(tiny_run, 2, workers=2)}
     assert len(names) == 4
     assert run_name(tiny_run, 1, workers=2) == run_name(tiny_run, 1, workers=2)
+
+
+def test_publish_copies_the_prepared_dataset_to_s3_once(prepared, s3_server):
+    """`fusion train` with train.data on S3 publishes data.out there; the same dataset is not
+    copied twice, and shards the dataset no longer has are removed."""
+    from fusion.data.shards import publish
+    from fusion.engine.batches import source
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="publish")
+    uri = "s3://publish/prepared"
+    shards = sorted(p.name for p in (prepared / "patches").glob("*.parquet"))
+    assert publish(prepared, uri, s3_server) == len(shards) + 1
+    assert publish(prepared, uri, s3_server) == 0  # same manifest: nothing copied
+    remote = source(uri, s3_server)
+    assert [Path(p).name for p in remote.files("train")] == [s for s in shards if "train" in s]
+    assert remote.layout("train") == source(str(prepared)).layout("train")
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.put_object(Bucket="publish", Key="prepared/patches/train-99999.parquet", Body=b"old")
+    s3.put_object(Bucket="publish", Key="prepared/manifest.parquet", Body=b"older dataset")
+    assert publish(prepared, uri, s3_server) == len(shards) + 1
+    assert "train-99999.parquet" not in {Path(p).name for p in remote.files("train")}

@@ -154,6 +154,57 @@ def test_promotion_rule_guard_and_rollback(sqlite_params):
         rollback(params)
 
 
+def test_the_floor_refuses_a_model_below_mean_fusion_even_without_a_champion(tiny_run,
+                                                                            tmp_path,
+                                                                            monkeypatch):
+    """A tiny model trained for a few steps is worse than mean fusion: with no champion it
+    is still not promoted, and the decision and its reason are on the version's tags."""
+    monkeypatch.chdir(tmp_path)
+    params = _setup(tiny_run, tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", floor="mean")
+    _evaluate(params)
+    register(params)
+    result = promote(params)
+    assert not result["promoted"], result
+    assert result["reason"].startswith("below mean fusion on tno")
+    assert _aliases(params.model_name) == {}  # judged (challenger cleared), no champion
+    tags = MlflowClient().get_model_version(params.model_name, "1").tags
+    assert tags["promotion.decision"] == "rejected"
+    assert tags["promotion.reason"] == result["reason"]
+
+
+def test_warm_start_from_the_champion_records_its_lineage(sqlite_params, tmp_path):
+    """train.init @champion resolves to the champion's version; the run name hashes its
+    weights; the new version is tagged with the version it was fine-tuned from."""
+    from fusion.engine.checkpoint import read_config
+    from fusion.engine.runs import run_name, train_local
+    from fusion.mlops.registry import resolve_start
+    from fusion.mlops.tracking import LINEAGE
+
+    params = sqlite_params
+    _evaluate(params)
+    register(params)
+    promote(params)  # version 1: champion (floor off for tiny models)
+    out = tmp_path / "warm"
+    train = dataclasses.replace(params.train, init="@champion", out=str(out),
+                                curves=str(tmp_path), checkpoints=str(tmp_path / "ck"),
+                                steps=[5, 5])
+    warm = dataclasses.replace(params, train=train,
+                               evaluate=dataclasses.replace(params.evaluate,
+                                                            model=str(out / "phase2")))
+    start = resolve_start(warm)
+    source = f"models:/{params.model_name}/1"
+    assert start.warm and start.source == source
+    assert run_name(warm, 1, start) != run_name(warm, 1)
+    for phase in (1, 2):
+        train_local(warm, phase, start)
+    assert read_config(out / "phase2")["lineage"] == source
+    _evaluate(warm)
+    record = register(warm)
+    assert record["version"] == "2"
+    tags = MlflowClient().get_model_version(params.model_name, "2").tags
+    assert tags[LINEAGE] == source
+
+
 def test_concurrent_promotions_leave_consistent_aliases(sqlite_params):
     params = sqlite_params
     _evaluate(params)

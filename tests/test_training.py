@@ -172,3 +172,33 @@ def test_rerun_resumes_its_own_run_only(tiny_run):
     other = tiny_params(Path(tiny_run.train.data).parent, lr=1e-4)
     assert run_name(other, 1) != run_name(tiny_run, 1)
     assert run_name(tiny_run, 1) == run_name(tiny_run, 1)
+
+
+def test_warm_start_from_a_folder_fine_tunes_and_keeps_its_lineage(tiny_run, tmp_path):
+    """train.init = an export folder: the recipe's warm phases train from it, the others
+    pass its weights through; the run name hashes the starting weights; the export records
+    where it came from."""
+    from fusion.mlops.registry import resolve_start
+
+    folder = Path(tiny_run.train.out) / "phase2"
+    train = replace(tiny_run.train, init=str(folder), out=str(tmp_path / "models"),
+                    curves=str(tmp_path), checkpoints=str(tmp_path / "ck"), steps=[5, 5])
+    params = replace(tiny_run, train=train)
+    start = resolve_start(params)
+    assert start.warm and start.source == str(folder)
+    other = resolve_start(replace(params, train=replace(train, init=str(folder.parent /
+                                                                           "phase1"))))
+    names = {run_name(params, 1, start), run_name(params, 1, other), run_name(params, 1)}
+    assert len(names) == 3  # scratch and two different starting weights: three runs
+
+    assert params.family.warm_phases == (2,)  # DAE-Fuse fine-tunes the fusion phase only
+    phase1 = train_local(params, 1, start)
+    assert json.loads((phase1 / "config.json").read_text())["skipped"] == "warm start"
+    assert load_weights(phase1)[0].keys() == load_weights(folder)[0].keys()
+    assert all(torch.equal(v, load_weights(folder)[0][k]) for k, v in
+               load_weights(phase1)[0].items())
+    phase2 = train_local(params, 2, start)
+    assert json.loads((phase2 / "config.json").read_text())["lineage"] == str(folder)
+    moved = [k for k, v in load_weights(phase2)[0].items()
+             if not torch.equal(v, load_weights(folder)[0][k])]
+    assert moved  # phase 2 trained from the warm start

@@ -21,13 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 
 from fusion.data.shards import decode_patches
 from fusion.errors import FusionError
+from fusion.files import filesystem
 
 COLUMNS = ["a", "b", "a_bits", "b_bits"]
 
@@ -75,17 +75,8 @@ class Source:
 
 def source(data: str, endpoint: str = "") -> Source:
     """The dataset ``train.data`` names: a local folder or ``s3://bucket/prefix``."""
-    import pyarrow.fs as pafs
-
-    url = urlparse(data)
-    if url.scheme == "s3":
-        from fusion.engine.cluster import s3_filesystem
-
-        return Source(s3_filesystem(endpoint), f"{url.netloc}{url.path}".rstrip("/"), data)
-    if url.scheme not in ("", "file"):
-        raise FusionError(f"train.data {data!r}: only local folders and s3:// are supported")
-    return Source(pafs.LocalFileSystem(), str(Path(url.path if url.scheme else data).resolve()),
-                  data)
+    root, fs = filesystem(data, endpoint, "train.data")
+    return Source(fs, root, data)
 
 
 def augment(a: torch.Tensor, b: torch.Tensor, seed: int, step: int, crop: int

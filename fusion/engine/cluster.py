@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import os
 from typing import Any
-from urllib.parse import urlparse
 
-from fusion.errors import FusionError, TransientError
+from fusion.errors import TransientError
+from fusion.files import filesystem
 from fusion.params import Params
 
 QUIET_LOGGERS = ("ray.train", "ray.tune", "ray.data", "ray.autoscaler",
@@ -56,36 +56,7 @@ def local_cpus() -> int:
 def storage(params: Params) -> tuple[str, Any]:
     """(path, pyarrow filesystem) of ``ray.storage_path``: S3 (custom endpoint, bounded
     retries with backoff) or a local folder."""
-    import pyarrow.fs as pafs
-
-    path = params.ray.storage_path
-    url = urlparse(path)
-    if url.scheme == "s3":
-        return f"{url.netloc}{url.path}".rstrip("/"), s3_filesystem(params.ray.storage_endpoint)
-    if url.scheme not in ("", "file"):
-        raise FusionError(f"ray.storage_path {path!r}: only local folders and s3:// are supported")
-    from pathlib import Path
-
-    return str(Path(url.path if url.scheme else path).resolve()), pafs.LocalFileSystem()
-
-
-def s3_filesystem(endpoint: str = "") -> Any:
-    """pyarrow S3 filesystem: ``endpoint`` (else ``$AWS_ENDPOINT_URL``) for S3-compatible
-    stores; requests time out and are retried with backoff, so a short outage of the store
-    delays a read or a checkpoint instead of failing it."""
-    import pyarrow.fs as pafs
-
-    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
-    options: dict[str, Any] = {"connect_timeout": 10, "request_timeout": 30,
-                               "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=10)}
-    if endpoint:
-        options["endpoint_override"] = endpoint
-        if endpoint.startswith("http://"):
-            options["scheme"] = "http"
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-    if region:
-        options["region"] = region
-    return pafs.S3FileSystem(**options)
+    return filesystem(params.ray.storage_path, params.ray.storage_endpoint, "ray.storage_path")
 
 
 def run_config(name: str, root: str, fs: Any, max_failures: int, **options: Any) -> Any:

@@ -2,7 +2,7 @@
 
 Inputs are greyscale images on the 0-255 scale, ``(H, W)`` or ``(N, H, W)``; every metric
 returns one value per image (float64). Definitions follow the Python evaluator behind the
-published MMIF tables (CDDFuse / DAE-Fuse), so our numbers can stand next to theirs:
+published MMIF tables (the papers in ../shared/papers), so our numbers can stand next to theirs:
 
 - EN: entropy (bits) of the 256-bin histogram of F rounded to uint8.
 - SD: population standard deviation. SF: spatial frequency from horizontal/vertical

@@ -1,14 +1,14 @@
 """Exact tiled inference: tiles give the same fused image as one whole-image pass.
 
-Attention layers can be global: channel attention (DAE-Fuse, CDDFuse) normalises and
-correlates over all pixels, DAE-Fuse's ViT attends over all tokens. Tiles fused
+Attention layers can be global: channel attention normalises and correlates over all
+pixels, a ViT attends over all tokens. Tiles fused
 independently therefore see other statistics and differ from the whole image by a few grey
 levels. Here the image is run in passes instead. Pass k runs every tile up to the k-th
 global layer, which adds the tile *core*'s share to that layer's whole-image statistics
 (channel attention: the q k^T sums and channel norms; ViT: the core tokens' keys and
 values) and stops. Once all tiles are in, the layer uses the finished statistics in every
 later pass. The last pass runs the tiles to the end and writes their cores. A family
-without global layers (MFDCE-Fuse: convolutions and windowed attention) needs one pass.
+without global layers (convolutions and windowed attention only) needs one pass.
 
 Cores partition the (padded) image on the network's grid, so every pixel and token is
 counted once. Each tile adds a ``halo`` around its core that covers the receptive field of

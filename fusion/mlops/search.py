@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import os
 import re
 import sys
 import time
@@ -47,7 +48,10 @@ def study_name(params: Params, study: str | None = None) -> str:
 
 
 def storage_url(params: Params) -> str:
-    return params.search.storage or f"sqlite:///{Path(params.search.out).resolve()}/optuna.db"
+    """search.storage, else $OPTUNA_STORAGE (a database URL with a password stays out of
+    params.yaml), else SQLite beside the search reports."""
+    return (params.search.storage or os.environ.get("OPTUNA_STORAGE", "")
+            or f"sqlite:///{Path(params.search.out).resolve()}/optuna.db")
 
 
 def redact(url: str) -> str:

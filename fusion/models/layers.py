@@ -16,6 +16,7 @@ instead of computing them from their own tile.
 
 from __future__ import annotations
 
+import math
 from contextvars import ContextVar
 from typing import Protocol
 
@@ -202,8 +203,8 @@ class ChannelAttention(nn.Module):
     """Restormer's multi-Dconv head transposed attention; queries may come from another input.
 
     Attention is over channels (a C/h x C/h map per head), so cost is O(C^2 HW). ``dense``
-    makes the 3x3 projection a full convolution instead of a depthwise one (CDDFuse's base
-    encoder); ``bias`` adds biases to the projections.
+    makes the 3x3 projection a full convolution instead of a depthwise one (a base
+    encoder's); ``bias`` adds biases to the projections.
     """
 
     def __init__(self, dim: int, heads: int, dense: bool = False, bias: bool = False) -> None:
@@ -234,7 +235,7 @@ class ChannelAttention(nn.Module):
 
 class GatedFeedForward(nn.Module):
     """Restormer's gated-Dconv feed-forward network (``groups`` < hidden*2: grouped, not
-    depthwise, 3x3 conv, as CDDFuse's base encoder)."""
+    depthwise, 3x3 conv, as in a base encoder)."""
 
     def __init__(self, dim: int, factor: float, groups: int | None = None,
                  bias: bool = False) -> None:
@@ -278,3 +279,17 @@ def pad_to(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int
         mode = "reflect" if ph < h and pw < w else "replicate"
         x = F.pad(x, (0, pw, 0, ph), mode=mode)
     return x, (h, w)
+
+
+def low_pass(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur with reflect borders (``sigma`` 0 returns ``x``); plain torch so
+    that inference does not import kornia, and exportable to ONNX."""
+    if sigma <= 0:
+        return x
+    r = math.ceil(3 * sigma)
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-(t / sigma) ** 2 / 2)
+    k = (k / k.sum()).repeat(x.shape[1], 1, 1, 1)
+    x = F.pad(x, (r, r, r, r), mode="reflect")
+    x = F.conv2d(x, k.view(-1, 1, 1, 2 * r + 1), groups=x.shape[1])
+    return F.conv2d(x, k.view(-1, 1, 2 * r + 1, 1), groups=x.shape[1])

@@ -1,17 +1,17 @@
 """Loss terms the families share, each a small function of tensors.
 
 Images are (N, 1, H, W) in [0, 1]; discriminator outputs are logits (N,). The formulas are
-DESIGN.md section 3 (DAE-Fuse), with CDDFuse's and MFDCE-Fuse's terms beside them.
+DESIGN.md section 3 and docs/families.md (which family uses which).
 """
 
 from __future__ import annotations
-
-import math
 
 import kornia.filters
 import kornia.metrics
 import torch
 import torch.nn.functional as F
+
+from fusion.models.layers import low_pass
 
 
 def bce(logits: torch.Tensor, real: bool) -> torch.Tensor:
@@ -29,8 +29,8 @@ def correlation(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-6) -> torch.Te
 
 def decomposition_loss(detail_a, detail_b, base_a, base_b) -> torch.Tensor:
     """CC(detail_a, detail_b)^2 / (CC(base_a, base_b) + 1.01): decorrelate the modalities'
-    high-frequency (detail) features, correlate the low-frequency (base) ones (CDDFuse's
-    correlation-driven loss, DAE-Fuse eq. 8)."""
+    high-frequency (detail) features, correlate the low-frequency (base) ones (the
+    correlation-driven decomposition loss; DESIGN.md eq. 8)."""
     return correlation(detail_a, detail_b) ** 2 / (correlation(base_a, base_b) + 1.01)
 
 
@@ -40,12 +40,12 @@ def ssim_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def content_loss(x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
-    """||x - x~||^2 + (1 - SSIM(x, x~)) for one modality (DAE-Fuse eq. 9)."""
+    """||x - x~||^2 + (1 - SSIM(x, x~)) for one modality (DESIGN.md eq. 9)."""
     return F.mse_loss(x_rec, x) + ssim_loss(x, x_rec)
 
 
 def gradient_loss(x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
-    """L1 between the (normalised Sobel) spatial gradients of two images (CDDFuse stage I)."""
+    """L1 between the (normalised Sobel) spatial gradients of two images (a reconstruction term)."""
     return F.l1_loss(kornia.filters.spatial_gradient(x_rec), kornia.filters.spatial_gradient(x))
 
 
@@ -53,14 +53,6 @@ def texture_loss(f: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
     """L_text = mean | |grad F| - max(|grad a|, |grad b|) | with Sobel gradients (eq. 15)."""
     grad = kornia.filters.sobel
     return (grad(f) - torch.maximum(grad(a), grad(b))).abs().mean()
-
-
-def low_pass(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur (reflect border); ``sigma`` 0 returns ``x``."""
-    if sigma <= 0:
-        return x
-    size = 2 * math.ceil(3 * sigma) + 1
-    return kornia.filters.gaussian_blur2d(x, (size, size), (sigma, sigma), border_type="reflect")
 
 
 def intensity_loss(f: torch.Tensor, a: torch.Tensor, b: torch.Tensor,

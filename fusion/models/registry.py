@@ -110,6 +110,7 @@ class Family:
         return folder if (folder / "config.json").exists() else None
 
 
+DEFAULT_FAMILY = "dae-fuse"  # model.family when params.yaml does not name one
 _FAMILIES: dict[str, Family] = {}
 
 

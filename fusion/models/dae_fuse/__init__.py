@@ -26,7 +26,11 @@ class Net:
     decoder_blocks: int = 1
     disc_channels: int = 32
     disc_layers: int = 4
-    fusion_head: str = "decoder"  # "decoder": the paper's; "prior": (A+B)/2 + learned residual
+    # "decoder": the paper's decoder writes the fused image; "prior": a learned correction
+    # (zero at initialisation) of a fixed base/detail rule, max of the low-pass sources plus
+    # both sources' detail (docs/quality.md), so training starts above mean fusion
+    fusion_head: str = "decoder"
+    prior_sigma: float = 3.0  # Gaussian sigma (pixels) that splits base from detail
 
     def __post_init__(self) -> None:
         from fusion.errors import FusionError
@@ -54,12 +58,14 @@ class FeatureLoss:
 
 @dataclass(frozen=True)
 class FusionLoss:
-    """Phase II: w_text * L_text + w_int * L_int + w_adv * L_adv."""
+    """Phase II: w_text * L_text + w_int * L_int + w_adv * L_adv + w_ssim * L_ssim."""
 
     w_text: float = 5.0
     w_int: float = 1.0
     w_adv: float = 0.01
     int_sigma: float = 0.0  # L_int on Gaussian low-pass images of this sigma (0: the paper's)
+    # L_ssim = 1 - (SSIM(F, A) + SSIM(F, B)) / 2: keeps both sources' structure (0: the paper's)
+    w_ssim: float = 0.0
 
 
 def _space() -> list[WeightRange]:

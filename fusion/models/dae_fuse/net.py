@@ -23,6 +23,7 @@ from fusion.models.layers import (
     RestormerBlock,
     TokenBlock,
     icnr_,
+    low_pass,
     pad_to,
     sincos_positions,
 )
@@ -76,8 +77,8 @@ class DAEFuse(nn.Module):
         self.dec_out = nn.Conv2d(c, s2 * 8, 3, padding=1)
         icnr_(self.dec_out, p.stem_stride)
         self.dec_full = nn.Conv2d(8, 1, 3, padding=1)
-        # fusion_head "prior": the fused image is mean fusion plus a learned correction,
-        # which starts at zero, so phase II starts from (A + B) / 2 and dark stays dark
+        # fusion_head "prior": the fused image is a base/detail rule plus a learned
+        # correction that starts at zero, so phase II starts from the rule
         self.fuse_head = nn.Conv2d(8, 1, 3, padding=1) if p.fusion_head == "prior" else None
         if self.fuse_head is not None:
             nn.init.zeros_(self.fuse_head.weight)
@@ -129,7 +130,13 @@ class DAEFuse(nn.Module):
         if self.fuse_head is None:
             return self.decode(fused)[..., :h, :w]
         correction = torch.tanh(self.fuse_head(self._decoded(fused)))
-        return ((ap + bp) / 2 + correction).clamp(0, 1)[..., :h, :w]
+        return (self.prior(ap, bp) + correction).clamp(0, 1)[..., :h, :w]
+
+    def prior(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """max(low-pass a, low-pass b) + detail a + detail b: the brighter source sets the
+        base (thermal targets, CT bone), both sources add their texture."""
+        la, lb = (low_pass(x, self.params.prior_sigma) for x in (a, b))
+        return torch.maximum(la, lb) + (a - la) + (b - lb)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, phase: int = 2) -> dict:
         """Training outputs of a phase (through forward, so that DDP sees every call)."""
