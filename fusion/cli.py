@@ -224,6 +224,15 @@ def _register(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+def _bundle(args: argparse.Namespace, params: Params) -> int:
+    from fusion.mlops.bundle import bundle
+
+    out = bundle(params, Path(args.out) if args.out else None)
+    print(f"bundled {params.evaluate.model} as the {params.model.family} starting checkpoint "
+          f"in {out}")
+    return 0
+
+
 def _promote(args: argparse.Namespace, params: Params) -> int:
     import json
 
@@ -384,6 +393,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
                        "as challenger (a rerun after a failure completes it)")
     _common(p)
     handlers["register"] = _register
+
+    p = sub.add_parser("bundle", help="pack the evaluated model (evaluate.model) as the "
+                       "family's bundled starting checkpoint, with its params, metrics and "
+                       "provenance (dvc repro bundle)")
+    _common(p)
+    p.add_argument("--out", default="", metavar="DIR",
+                   help="folder to write (default: the family's pretrained/ folder)")
+    handlers["bundle"] = _bundle
 
     p = sub.add_parser("promote", help="challenger vs floor and champion on the benchmark "
                        "sets; move the champion alias when the rule in params.yaml says so")

@@ -1,7 +1,6 @@
 """Fault drills against real processes: an `mlflow server` process group killed and
 restarted, crashes at the worst moment, a stale local Ray session, inputs built to
-exhaust memory. (Checkpoint drills on Ray Train: test_ray_train.py; on the production
-stack: test_production.py.)"""
+exhaust memory. (Checkpoint drills on Ray Train: test_ray_train.py.)"""
 
 from __future__ import annotations
 

@@ -119,7 +119,7 @@ def pipeline_run(params: Params, fingerprint: str) -> str:
     if found:
         return found
     run = MlflowClient().create_run(experiment, run_name="pipeline",
-                                    tags={PIPELINE: fingerprint, "git_commit": _git_commit()})
+                                    tags={PIPELINE: fingerprint, "git_commit": git_commit()})
     return run.info.run_id
 
 
@@ -174,7 +174,7 @@ def phase_sink(params: Params, phase: int, name: str, fingerprint: str) -> Mlflo
     return MlflowSink(uri, found, params.mlflow.timeout_s)
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True, timeout=10).stdout.strip()
@@ -283,7 +283,7 @@ def _log_and_register(params: Params, digest: str, fp: str, key: str) -> str:
     experiment = _experiment(params)
     parent = pipeline_run(params, fp)
     client = MlflowClient()
-    tags = {"git_commit": _git_commit(), "dvc_lock_sha256": _sha_or_missing(Path("dvc.lock")),
+    tags = {"git_commit": git_commit(), "dvc_lock_sha256": _sha_or_missing(Path("dvc.lock")),
             "manifest_sha256": _sha_or_missing(Path(t.data) / "manifest.parquet"),
             "model_sha256": digest, FINGERPRINT: fp, REGISTRATION: key,
             "family": params.model.family, LINEAGE: config.get("lineage", "") or "scratch"}

@@ -102,11 +102,18 @@ class Family:
                 raise FusionError(f"{where}.search: {r.name!r} is not a loss weight of "
                                   f"{self.name}; known: {sorted(known)}")
 
+    def pretrained_folder(self) -> Path:
+        """Where the bundled starting checkpoint lives (inside the family's folder)."""
+        if not self.pretrained:
+            raise FusionError(f"model family {self.name} has no bundled checkpoint folder")
+        package = importlib.import_module(self.config.__module__)
+        return Path(package.__file__).parent / self.pretrained
+
     def pretrained_path(self) -> Path | None:
+        """The bundled checkpoint, if one has been built."""
         if not self.pretrained:
             return None
-        package = importlib.import_module(self.config.__module__)
-        folder = Path(package.__file__).parent / self.pretrained
+        folder = self.pretrained_folder()
         return folder if (folder / "config.json").exists() else None
 
 

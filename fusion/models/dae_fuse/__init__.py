@@ -26,11 +26,14 @@ class Net:
     decoder_blocks: int = 1
     disc_channels: int = 32
     disc_layers: int = 4
-    # "decoder": the paper's decoder writes the fused image; "prior": a learned correction
-    # (zero at initialisation) of a fixed base/detail rule, max of the low-pass sources plus
-    # both sources' detail (docs/quality.md), so training starts above mean fusion
-    fusion_head: str = "decoder"
+    # "prior": a learned correction (zero at initialisation) of a fixed base/detail rule, max
+    # of the low-pass sources plus both sources' detail (docs/quality.md), so training starts
+    # above mean fusion; "decoder": the paper's decoder writes the fused image
+    fusion_head: str = "prior"
     prior_sigma: float = 3.0  # Gaussian sigma (pixels) that splits base from detail
+    # "prior" head: at most (1 + halo_limit) x the brighter source, so that added detail
+    # leaves no bright halo beside an edge and dark background stays dark
+    halo_limit: float = 0.05
 
     def __post_init__(self) -> None:
         from fusion.errors import FusionError
@@ -60,19 +63,20 @@ class FeatureLoss:
 class FusionLoss:
     """Phase II: w_text * L_text + w_int * L_int + w_adv * L_adv + w_ssim * L_ssim."""
 
-    w_text: float = 5.0
+    w_text: float = 1.0
     w_int: float = 1.0
     w_adv: float = 0.01
-    int_sigma: float = 0.0  # L_int on Gaussian low-pass images of this sigma (0: the paper's)
+    int_sigma: float = 3.0  # L_int on Gaussian low-pass images of this sigma (0: the paper's)
     # L_ssim = 1 - (SSIM(F, A) + SSIM(F, B)) / 2: keeps both sources' structure (0: the paper's)
-    w_ssim: float = 0.0
+    w_ssim: float = 1.0
 
 
 def _space() -> list[WeightRange]:
     return [WeightRange("phase1.lam", 0.01, 1.0, True), WeightRange("phase1.sigma", 0.0, 1.0),
             WeightRange("phase2.w_text", 0.5, 20.0, True),
             WeightRange("phase2.w_int", 0.2, 5.0, True),
-            WeightRange("phase2.w_adv", 0.001, 0.1, True)]
+            WeightRange("phase2.w_adv", 0.001, 0.1, True),
+            WeightRange("phase2.w_ssim", 0.1, 10.0, True)]
 
 
 @dataclass(frozen=True)
@@ -98,10 +102,12 @@ FAMILY = register_family(Family(
     # tiny: tests and smoke runs
     profiles={"tiny": {"net": {"channels": 8, "heads": 2, "se_blocks": 1, "dhe_blocks": 1,
                                "vit_patch": 4, "vit_dim": 16, "vit_depth": 1, "vit_heads": 2,
-                               "decoder_blocks": 1, "disc_channels": 8, "disc_layers": 2}},
+                               "decoder_blocks": 1, "disc_channels": 8, "disc_layers": 2,
+                               "fusion_head": "decoder"}},
               "paper": {"net": {"channels": 64, "stem_stride": 1, "heads": 8,
                                 "ffn_factor": 2.66, "se_blocks": 4, "dhe_blocks": 4,
                                 "vit_patch": 16, "vit_dim": 256, "vit_depth": 4, "vit_heads": 8,
-                                "decoder_blocks": 4, "disc_channels": 64}}},
+                                "decoder_blocks": 4, "disc_channels": 64,
+                                "fusion_head": "decoder"}}},
     pretrained="pretrained",
 ))

@@ -130,7 +130,9 @@ class DAEFuse(nn.Module):
         if self.fuse_head is None:
             return self.decode(fused)[..., :h, :w]
         correction = torch.tanh(self.fuse_head(self._decoded(fused)))
-        return (self.prior(ap, bp) + correction).clamp(0, 1)[..., :h, :w]
+        ceiling = (1 + self.params.halo_limit) * torch.maximum(ap, bp)
+        fused = torch.minimum(self.prior(ap, bp) + correction, ceiling)
+        return fused.clamp(0, 1)[..., :h, :w]
 
     def prior(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """max(low-pass a, low-pass b) + detail a + detail b: the brighter source sets the

@@ -1,0 +1,75 @@
+"""The bundled starting checkpoint: a trained, evaluated export packed small into the family's
+folder (``fusion bundle``), so that a fresh clone warm-starts from a model that already
+clears the promotion floor. Written by the pipeline itself (``dvc repro bundle`` with the
+quality profile), never by hand."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import yaml
+
+from fusion.engine.checkpoint import CONFIG_FILE, MODEL_FILE, read_config
+from fusion.errors import FusionError
+from fusion.files import fresh_tmp, replace_dir, sha256_file, writable
+from fusion.mlops.tracking import check_evaluated, git_commit
+from fusion.params import Params
+
+PROVENANCE = "PROVENANCE.md"
+
+
+def bundle(params: Params, out: Path | None = None) -> Path:
+    """Copy ``evaluate.model`` (weights and config; no critic: a warm start trains fresh
+    discriminators) with the params and the evaluation it was made with, and a provenance
+    note, into ``out`` (default: the active family's bundled checkpoint folder)."""
+    digest = check_evaluated(params)
+    model = Path(params.evaluate.model)
+    config = read_config(model)
+    if config["family"] != params.model.family:
+        raise FusionError(f"{model}: a {config['family']} model, but model.family is "
+                          f"{params.model.family}")
+    dest = out or params.family.pretrained_folder()
+    if config.get("lineage"):
+        raise FusionError(f"{model}: warm-started from {config['lineage']}; a bundled "
+                          "checkpoint is trained from scratch (train.init: \"\")")
+    summary = json.loads((Path(params.evaluate.out) / "summary.json").read_text())
+    used = {"data": dataclasses.asdict(params.data),
+            "model": {"family": params.model.family,
+                      params.model.family: dataclasses.asdict(params.config)},
+            "train": dataclasses.asdict(params.train)}
+    tmp = fresh_tmp(dest)
+    try:
+        with writable(dest):
+            for name in (MODEL_FILE, CONFIG_FILE):
+                shutil.copy2(model / name, tmp / name)
+            (tmp / "params.yaml").write_text(yaml.safe_dump(used, sort_keys=False))
+            (tmp / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+            (tmp / PROVENANCE).write_text(_provenance(params, config, digest))
+        replace_dir(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _provenance(params: Params, config: dict, digest: str) -> str:
+    manifest = Path(params.data.out) / "manifest.parquet"
+    lock = Path("dvc.lock")
+    sets = ", ".join(f"{s.name} ({s.a})" for s in params.evaluate.sets)
+    return (f"# Bundled {params.model.family} checkpoint\n\n"
+            f"- made: {datetime.now(UTC):%Y-%m-%d %H:%M UTC} by `fusion bundle` "
+            "(`dvc repro bundle`)\n"
+            f"- code: git commit {git_commit()}\n"
+            f"- data: {', '.join(params.data.raw)}; excluded (never trained on): "
+            f"{', '.join(params.data.exclude) or 'none'}\n"
+            f"- prepared manifest sha256: "
+            f"{sha256_file(manifest) if manifest.exists() else 'missing'}\n"
+            f"- dvc.lock sha256: {sha256_file(lock) if lock.exists() else 'missing'}\n"
+            f"- training: steps {config.get('steps')} in the last phase, run "
+            f"{config.get('run', '?')}, from scratch\n"
+            f"- weights sha256: {digest}\n"
+            f"- evaluated on: {sets} (metrics.json)\n\n"
+            "Rebuild: see README, \"Bundled starting checkpoint\".\n")

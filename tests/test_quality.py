@@ -1,0 +1,97 @@
+"""The bundled starting checkpoint on real data (issue 14): it is the default network, it
+clears the promotion floor (mean fusion) on every sample set, and on the real TNO and MRI-CT
+pairs it keeps dark background dark, with no border line and no 2x2 pattern."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from fusion.data.pairs import match_stems
+from fusion.engine.checkpoint import load_model, net_params, read_config, weights_digest
+from fusion.evaluation.evaluate import Candidate, evaluate
+from fusion.evaluation.scoring import read_grey
+from fusion.inference.fuse import TorchEngine
+from fusion.mlops.promotion import floor
+from fusion.params import load_params
+from tests.conftest import REPO
+
+PARAMS = load_params(REPO / "params.yaml")
+BUNDLED = PARAMS.family.pretrained_path()
+DARK = 10  # /255: where both sources are darker, the fused pixel must be too
+
+
+@pytest.fixture(scope="module")
+def engine():
+    assert BUNDLED is not None, "no bundled checkpoint (README: Bundled starting checkpoint)"
+    return TorchEngine(load_model(BUNDLED), PARAMS.family)
+
+
+def test_the_bundled_checkpoint_is_the_default_network_packed_small():
+    assert BUNDLED is not None
+    config = read_config(BUNDLED)
+    assert config["family"] == PARAMS.model.family
+    assert net_params(config) == PARAMS.config.net  # so `make demo` warm-starts from it
+    assert {p.name for p in BUNDLED.iterdir()} == {"model.safetensors", "config.json",
+                                                   "params.yaml", "metrics.json",
+                                                   "PROVENANCE.md"}
+    assert sum(p.stat().st_size for p in BUNDLED.iterdir()) < 2 << 20
+    made_with = yaml.safe_load((BUNDLED / "params.yaml").read_text())
+    assert made_with["train"]["init"] == ""  # from scratch
+    assert any(e.endswith("roadscene/test_split.txt") for e in made_with["data"]["exclude"])
+
+
+def test_the_bundled_checkpoint_clears_the_floor_on_every_sample_set(engine, tmp_path):
+    sets = [dataclasses.replace(s, a=str(REPO / s.a), b=str(REPO / s.b),
+                                names=str(REPO / s.names) if s.names else s.names)
+            for s in PARAMS.evaluate.sets]
+    ev = dataclasses.replace(PARAMS.evaluate, sets=sets, out=str(tmp_path / "eval"),
+                             summary=str(tmp_path / "metrics"), grids=str(tmp_path / "grids"))
+    params = dataclasses.replace(PARAMS, evaluate=ev)
+    summary = evaluate(params, [Candidate("model", engine)], weights_digest(BUNDLED))
+    assert set(summary) == {s.name for s in sets}
+    ours = {name: methods["model"] for name, methods in summary.items()}
+    means = {name: methods["mean"] for name, methods in summary.items()}
+    assert floor(ours, means, PARAMS.promote) is None, summary
+
+
+def _pairs(root: Path, a: str, b: str):
+    pairs, problems = match_stems(root / a, root / b)
+    assert pairs and not problems
+    for stem, pa, pb in pairs:
+        yield stem, read_grey(pa), read_grey(pb)
+
+
+@pytest.mark.parametrize("name, a, b", [("tno", "ir", "vi"), ("mri_ct", "mri", "ct")])
+def test_dark_stays_dark_without_border_lines_or_2x2_patterns(engine, shared_data, name, a,
+                                                               b):
+    """Every real pair of the set: where both sources are below 10/255 the fused pixel is
+    too; the outermost rows and columns are not darker or brighter than their neighbours
+    beyond what the sources show; no checkerboard energy beyond the sources'."""
+    dark_pixels = 0
+    for stem, ia, ib in _pairs(shared_data / name, a, b):
+        fused = np.rint(engine(ia / 255.0, ib / 255.0) * 255)
+        dark = (ia < DARK) & (ib < DARK)
+        dark_pixels += int(dark.sum())
+        assert (fused[dark] < DARK).all(), f"{name}/{stem}: dark background lifted to " \
+                                           f"{fused[dark].max():.0f}/255"
+        for img_rows in (fused, fused.T):
+            step = np.abs(img_rows[0] - img_rows[1]).mean(), np.abs(img_rows[-1] -
+                                                                    img_rows[-2]).mean()
+            inner = np.abs(np.diff(img_rows[1:-1], axis=0)).mean()
+            src = max(np.abs(np.diff(s, axis=0)).mean() for s in (ia.astype(float),
+                                                                   ib.astype(float)))
+            assert max(step) < 3 * max(inner, src) + 1, f"{name}/{stem}: a border line"
+        assert _checkerboard(fused) <= 1.5 * max(_checkerboard(ia), _checkerboard(ib)) + 0.5, \
+            f"{name}/{stem}: a 2x2 pattern"
+    assert dark_pixels > 1000  # the sets do have dark background
+
+
+def _checkerboard(img: np.ndarray) -> float:
+    """Mean |x[i,j] - x[i+1,j] - x[i,j+1] + x[i+1,j+1]|: the 2x2 alternating component."""
+    x = img.astype(np.float64)
+    return float(np.abs(x[:-1, :-1] - x[1:, :-1] - x[:-1, 1:] + x[1:, 1:]).mean())
