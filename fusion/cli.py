@@ -396,7 +396,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
 
     p = sub.add_parser("bundle", help="pack the evaluated model (evaluate.model) as the "
                        "family's bundled starting checkpoint, with its params, metrics and "
-                       "provenance (dvc repro bundle)")
+                       "provenance (after dvc repro with the quality profile)")
     _common(p)
     p.add_argument("--out", default="", metavar="DIR",
                    help="folder to write (default: the family's pretrained/ folder)")

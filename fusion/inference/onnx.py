@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,10 @@ def export_onnx(model: Any, family: Any, path: Path, opset: int = 18) -> Path:
     try:
         height, width = torch.export.Dim("height"), torch.export.Dim("width")
         dims = {2: m * height, 3: m * width}
-        program = torch.onnx.export(Whole(model.eval()), example, input_names=["a", "b"],
+        # a private copy in the default memory format: the torch engine may have made the
+        # caller's model channels-last, whose strides the exporter cannot reshape
+        net = copy.deepcopy(model).eval().to(memory_format=torch.contiguous_format)
+        program = torch.onnx.export(Whole(net), example, input_names=["a", "b"],
                                     output_names=["fused"], opset_version=opset, dynamo=True,
                                     dynamic_shapes={"a": dims, "b": dims}, verbose=False)
         program.save(str(tmp))

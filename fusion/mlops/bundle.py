@@ -1,7 +1,7 @@
 """The bundled starting checkpoint: a trained, evaluated export packed small into the family's
 folder (``fusion bundle``), so that a fresh clone warm-starts from a model that already
-clears the promotion floor. Written by the pipeline itself (``dvc repro bundle`` with the
-quality profile), never by hand."""
+clears the promotion floor. Written by the pipeline itself (the quality profile's
+``dvc repro``, then ``fusion bundle``), never by hand."""
 
 from __future__ import annotations
 
@@ -60,8 +60,8 @@ def _provenance(params: Params, config: dict, digest: str) -> str:
     lock = Path("dvc.lock")
     sets = ", ".join(f"{s.name} ({s.a})" for s in params.evaluate.sets)
     return (f"# Bundled {params.model.family} checkpoint\n\n"
-            f"- made: {datetime.now(UTC):%Y-%m-%d %H:%M UTC} by `fusion bundle` "
-            "(`dvc repro bundle`)\n"
+            f"- made: {datetime.now(UTC):%Y-%m-%d %H:%M UTC} by `fusion bundle` after "
+            "`dvc repro` with the quality profile\n"
             f"- code: git commit {git_commit()}\n"
             f"- data: {', '.join(params.data.raw)}; excluded (never trained on): "
             f"{', '.join(params.data.exclude) or 'none'}\n"

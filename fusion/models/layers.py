@@ -174,8 +174,10 @@ class WindowBlock(nn.Module):
             mask = self._mask(h, w, x.device)
             bias = (bias[None] + mask[:, None]).repeat(n, 1, 1, 1)
             bias = bias.reshape(n * count, self.heads, *bias.shape[-2:])
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-        out = self.proj(out.transpose(1, 2).flatten(2))
+        # explicit attention over the window's w*w tokens (not SDPA: the ONNX exporter's
+        # shape pass gives SDPA's output other strides than the trace and fails)
+        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + bias.to(q.dtype)
+        out = self.proj((attn.softmax(-1) @ v).transpose(1, 2).flatten(2))
         s = self.window
         out = out.reshape(n, h // s, w // s, s, s, c).transpose(2, 3).reshape(n, h, w, c)
         if self.shift:
