@@ -200,6 +200,6 @@ def tiny_pipeline(repo: Path, ray_address: str, **loss) -> dict:
     params["ray"].update(address=ray_address, cpus_per_worker=1.0)
     params["evaluate"]["sets"] = params["evaluate"]["sets"][:1]
     params["promote"]["floor"] = "none"  # tiny models are worse than mean fusion
-    params["search"].update(study="tiny", trials=3, steps=[6, 10], eval_every=5)
+    params["search"].update(study="tiny", trials=2, steps=[6, 10], eval_every=5)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return params

@@ -23,6 +23,9 @@ WORKER_ENV = {
     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
     # one actor process less per run; a spot-instance notice is of no use here
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # keep idle worker processes for a minute instead of a second: Ray Data's short tasks
+    # otherwise start a new Python process (seconds of CPU on a small node) again and again
+    "RAY_idle_worker_killing_time_threshold_ms": "60000",
 }
 
 
@@ -82,8 +85,9 @@ def train_dataset(params: Params) -> tuple[dict[str, Any], dict[str, Any], Any]:
 
     src = source(params.train.data, params.ray.storage_endpoint)
     size, rows = src.layout("train")
+    # CPU-free read tasks are otherwise unbounded: one at a time, they keep up with training
     ds = ray.data.read_parquet(src.files("train"), filesystem=src.fs, columns=COLUMNS,
-                               ray_remote_args={"num_cpus": 0})
+                               ray_remote_args={"num_cpus": 0}, concurrency=1)
     options = ray.data.ExecutionOptions(preserve_order=True)
     return ({"train": ds}, {"patch_size": size, "rows": rows, "data": src.uri},
             ray.train.DataConfig(datasets_to_split=["train"], execution_options=options))
