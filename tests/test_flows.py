@@ -7,7 +7,6 @@ import shutil
 
 import boto3
 import httpx
-import mlflow
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -94,8 +93,7 @@ def test_search_first_logs_trials_and_trains_the_best_weights(retrained):
     assert lock["stages"]["train_phase2"]["params"]["params.yaml"][
         "model.dae-fuse.phase2"]["w_text"] == pytest.approx(best["best"]["phase2.w_text"])
     assert trained["phase"] == 2
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("fusion")
     (parent,) = client.search_runs([experiment.experiment_id],
                                    "attributes.run_name = 'search-tiny'")

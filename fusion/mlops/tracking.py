@@ -70,8 +70,15 @@ def connect(ml: MlflowParams) -> str:
             raise TransientError(f"MLflow tracking server {uri} is unreachable: {exc}") from exc
     import mlflow
 
+    # MLflow also exports the URI as $MLFLOW_TRACKING_URI for child processes; that variable
+    # is the user's setting (it ranks after params.yaml), so it is put back as it was
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
     return uri
 
 
