@@ -306,3 +306,15 @@ def test_server_mode_with_s3_artifacts(mlflow_server, s3_server, tiny_run, tmp_p
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
         Bucket="mlflow-artifacts")["Contents"]]
     assert any(k.endswith("model.safetensors") for k in keys)
+
+
+def test_connect_leaves_the_users_tracking_variable_alone(tmp_path, monkeypatch):
+    """MLflow exports the URI it is given as $MLFLOW_TRACKING_URI; a later child process
+    (a flow's stage) would then read another registry than its params say."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    connect(MlflowParams(tracking_uri=f"sqlite:///{tmp_path / 'a.db'}"))
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / 'a.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'user.db'}")
+    connect(MlflowParams(tracking_uri=f"sqlite:///{tmp_path / 'b.db'}"))
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'user.db'}"
