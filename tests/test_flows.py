@@ -219,7 +219,8 @@ def test_profiles_and_params_files_merge_into_params_yaml(tmp_path):
     (repo / "override.yaml").write_text("model: {dae-fuse: {phase2: {w_adv: 0.3}}}\n")
     apply_params(repo, "override.yaml", "quality,tiny")
     params = load_params(repo / "params.yaml")
-    assert params.config.phase2.w_adv == 0.3 and params.train.steps == [500, 500]
+    assert params.config.phase2.w_adv == 0.3 and params.train.steps == [100, 100]
+    assert params.data.raw == ["../shared/data/roadscene"] and params.train.init == ""
     assert params.config.net.channels == 8  # the family's tiny profile
     assert "# lossless pixel-unshuffle" in (repo / "params.yaml").read_text()  # comments kept
     (repo / "params.yaml").write_text(before)
