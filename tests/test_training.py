@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusion.engine import checkpoint
 from fusion.engine.batches import PatchStream
 from fusion.engine.checkpoint import load_model, load_state, load_weights, save_state
 from fusion.engine.runs import checkpoints, run_name, train_local
@@ -105,7 +104,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     def broken_save(obj, path):
         Path(path).write_bytes(b"partial")
         raise OSError("disk full")
-    monkeypatch.setattr(checkpoint.torch, "save", broken_save)
+    monkeypatch.setattr(torch, "save", broken_save)  # checkpoint imports torch lazily
     with pytest.raises(FusionError, match="cannot write"):
         save_state({"step": 2, "phase": 1, "w": torch.zeros(3)}, tmp_path / "ck")
     assert load_state(tmp_path / "ck")["step"] == 1
