@@ -18,6 +18,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+
+def best_of(run, repeat: int) -> float:
+    """Seconds of the fastest of ``repeat`` calls, after one warm-up call."""
+    run()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
 def measure(family: str, profile: str, threads: int, repeat: int, onnx: bool,
             train: bool) -> dict:
     """Child process: one family at one size."""
@@ -46,13 +57,7 @@ def measure(family: str, profile: str, threads: int, repeat: int, onnx: bool,
     model = model.to(memory_format=torch.channels_last)
     a, b = (x.contiguous(memory_format=torch.channels_last) for x in (a, b))
     with torch.inference_mode():
-        model.fuse(a, b)
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            model.fuse(a, b)
-            times.append(time.perf_counter() - t0)
-    out["torch_s_768x576"] = min(times)
+        out["torch_s_768x576"] = best_of(lambda: model.fuse(a, b), repeat)
     out["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if onnx:
         import tempfile
@@ -68,13 +73,7 @@ def measure(family: str, profile: str, threads: int, repeat: int, onnx: bool,
             session = ort.InferenceSession(str(path), options,
                                            providers=["CPUExecutionProvider"])
             feed = {"a": a.contiguous().numpy(), "b": b.contiguous().numpy()}
-            session.run(None, feed)
-            times = []
-            for _ in range(repeat):
-                t0 = time.perf_counter()
-                session.run(None, feed)
-                times.append(time.perf_counter() - t0)
-        out["onnx_s_768x576"] = min(times)
+            out["onnx_s_768x576"] = best_of(lambda: session.run(None, feed), repeat)
     if train:
         from fusion.engine.trainer import Trainer
 
