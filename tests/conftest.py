@@ -185,10 +185,10 @@ def clone_repo(dest_parent: Path) -> Path:
     return dest
 
 
-def tiny_pipeline(repo: Path, ray_address: str, **loss) -> dict:
+def tiny_pipeline(repo: Path, ray_address: str, init: str = "", **loss) -> dict:
     """Shrink a cloned repo's params.yaml to tiny networks and a few steps on the session
-    cluster (one evaluation set); ``loss``: DAE-Fuse phase 2 weights. Returns the params
-    mapping written."""
+    cluster (one evaluation set); ``init``: ``train.init`` (a warm start runs phase 2
+    only); ``loss``: DAE-Fuse phase 2 weights. Returns the params mapping written."""
     import yaml
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -196,10 +196,13 @@ def tiny_pipeline(repo: Path, ray_address: str, **loss) -> dict:
     for family, net in TINY_NETS.items():
         params["model"][family]["net"].update(net)
     params["model"]["dae-fuse"]["phase2"].update(loss)
-    params["train"].update(steps=[10, 10], batch_size=4, log_every=5, checkpoint_every=5)
+    params["train"].update(steps=[10, 10], batch_size=4, log_every=5, checkpoint_every=5,
+                           init=init)
     params["ray"].update(address=ray_address, cpus_per_worker=1.0)
     params["evaluate"]["sets"] = params["evaluate"]["sets"][:1]
     params["promote"]["floor"] = "none"  # tiny models are worse than mean fusion
-    params["search"].update(study="tiny", trials=2, steps=[6, 10], eval_every=5)
+    # two trials at once: each holds one of the cluster's four logical CPUs
+    params["search"].update(study="tiny", trials=2, max_concurrent=2, steps=[6, 10],
+                            eval_every=5)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return params

@@ -43,11 +43,12 @@ def _task_runs(flow_state) -> dict[str, list]:
 
 
 @pytest.fixture(scope="module")
-def retrained(tmp_path_factory, prefect_api, ray_cluster):
-    """A fresh clone with a tiny config, retrained once by the flow, searching first
-    (2 trials: each a Ray Train run of the search, then the best weights trained)."""
+def retrained(tmp_path_factory, prefect_api, ray_cluster, tiny_run):
+    """A fresh clone with a tiny config, retrained once by the flow as a scheduled retrain
+    does it: warm-started from a trained model (phase 1 passed through, phase 2 fine-tuned),
+    searching first (2 trials, each a Ray Train run, then the best weights trained)."""
     repo = clone_repo(tmp_path_factory.mktemp("retrain"))
-    tiny_pipeline(repo, ray_cluster.address)
+    tiny_pipeline(repo, ray_cluster.address, init=str(tiny_run.train.phase_out(2)))
     state = retrain(repo=str(repo), search_first=True, return_state=True)
     return repo, state
 

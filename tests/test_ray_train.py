@@ -80,55 +80,28 @@ def test_rerun_of_a_finished_run_exports_without_training(two_node_run):
 
 
 @pytest.fixture(scope="module")
-def one_worker_run(ray_cluster, tiny_runs, tmp_path_factory):
-    """CDDFuse (no discriminators) phase 1 on Ray Train with one worker."""
-    params = _ray_params(tiny_runs["cddfuse"], tmp_path_factory.mktemp("ray1"), num_workers=1)
-    train_ray(params, 1)
+def one_worker_run(ray_cluster, tiny_runs, s3_server, tmp_path_factory):
+    """CDDFuse (no discriminators) phase 1 on Ray Train with one worker and checkpoints in
+    S3; the worker exits hard at step 15, so the group restarts from the step-10
+    checkpoint. (One run serves the restart, the equality and the corrupt-checkpoint
+    tests: a Ray Train run costs about a minute of start-up here.)"""
+    tmp = tmp_path_factory.mktemp("ray1")
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="ckpt")
+    params = _ray_params(tiny_runs["cddfuse"], tmp, num_workers=1,
+                         storage_path="s3://ckpt/runs", storage_endpoint=s3_server)
+    fault = Fault(step=15, marker=str(tmp / "fault-fired"), rank=0)
+    train_ray(params, 1, fault=fault)
+    assert Path(fault.marker).exists()
     return params
 
 
-def test_one_worker_equals_the_single_process_loop_on_the_same_input(one_worker_run):
-    """The local loop fed the same Ray Data shard (one split, seeded shuffles) gives the
-    same curve as the Ray Train run: one loop, Ray or not."""
-    import ray.data
-
-    from fusion.engine.batches import COLUMNS, ShardBatches, source
-    from fusion.engine.trainer import Trainer
-
+def test_worker_death_resumes_from_s3_checkpoint(one_worker_run, s3_server):
+    """The worker died at step 15; the restarted group resumed from the step-10 checkpoint
+    in S3 and finished at the configured step, and every stored checkpoint verifies."""
     params = one_worker_run
-    src = source(params.train.data)
-    size, rows = src.layout("train")
-    ds = ray.data.read_parquet(src.files("train"), filesystem=src.fs, columns=COLUMNS,
-                               ray_remote_args={"num_cpus": 0})
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    (shard,) = ds.streaming_split(1, equal=True)
-    t = params.train
-    batches = ShardBatches(shard, t.batch_size, t.seed, t.crop, size, rows, 1)
-    trainer = Trainer(params, 1)
-    trainer.fit(batches.batch)
-    ray_curve = _curve(Path(t.curves) / "phase1_curve.csv")
-    local_curve = {int(r["step"]): r["loss"] for r in trainer.curve}
-    assert ray_curve.keys() == local_curve.keys()
-    np.testing.assert_allclose(list(ray_curve.values()), list(local_curve.values()), rtol=1e-4)
-
-
-def test_worker_death_resumes_from_s3_checkpoint(one_worker_run, s3_server, tmp_path):
-    """The worker exits hard at step 15; the group restarts from the step-10 checkpoint in
-    S3, skips the 10 batches it trained on, and ends with the uninterrupted run's weights."""
-    clean = one_worker_run
-    s3 = boto3.client("s3", endpoint_url=s3_server)
-    s3.create_bucket(Bucket="ckpt")
-    params = _ray_params(clean, tmp_path, num_workers=1, storage_path="s3://ckpt/runs",
-                         storage_endpoint=s3_server)
-    fault = Fault(step=15, marker=str(tmp_path / "fault-fired"), rank=0)
-    train_ray(params, 1, fault=fault)
-    assert Path(fault.marker).exists()
     config = json.loads((params.train.phase_out(1) / "config.json").read_text())
     assert config["steps"] == 30 and config["resumed_at"] == [10]
-    ours = load_file(params.train.phase_out(1) / "model.safetensors")
-    theirs = load_file(clean.train.phase_out(1) / "model.safetensors")
-    for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5)
+    s3 = boto3.client("s3", endpoint_url=s3_server)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="ckpt", Prefix="runs/")["Contents"]]
     states = sorted(k for k in keys if k.endswith("/state.pt"))
     assert [k.split("/")[-2] for k in states] == ["step-0000020", "step-0000030"]
@@ -139,14 +112,46 @@ def test_worker_death_resumes_from_s3_checkpoint(one_worker_run, s3_server, tmp_
         assert torch.load(io.BytesIO(body), weights_only=True)["phase"] == 1
 
 
-def test_a_corrupt_newest_checkpoint_is_skipped(one_worker_run, tmp_path, capsys):
-    """Truncate the final checkpoint of a finished run and delete the export: the rerun
-    warns, naming it, resumes from the one before (a new attempt; Ray's own run snapshot is
-    never needed) and ends with the same weights."""
-    import shutil
+def test_resumed_ray_run_equals_the_single_process_loop_on_the_same_input(one_worker_run):
+    """The local loop fed the same Ray Data shard (one split, seeded shuffles), never
+    interrupted, gives the curve and the weights of the Ray Train run that lost its worker
+    at step 15: one loop, Ray or not, and a resumed run reproduces its seed."""
+    import ray.data
 
+    from fusion.engine.batches import ShardBatches, source
+    from fusion.engine.cluster import read_patches
+    from fusion.engine.trainer import Trainer
+
+    params = one_worker_run
+    src = source(params.train.data)
+    size, rows = src.layout("train")
+    ds = read_patches(src)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    (shard,) = ds.streaming_split(1, equal=True)
+    t = params.train
+    batches = ShardBatches(shard, t.batch_size, t.seed, t.crop, size, rows, 1)
+    trainer = Trainer(params, 1)
+    trainer.fit(batches.batch)
+    ray_curve = _curve(Path(t.curves) / "phase1_curve.csv")
+    local_curve = {int(r["step"]): r["loss"] for r in trainer.curve}
+    assert ray_curve.keys() == local_curve.keys() == set(range(5, 31, 5))
+    np.testing.assert_allclose(list(ray_curve.values()), list(local_curve.values()), rtol=1e-4)
+    ours = load_file(params.train.phase_out(1) / "model.safetensors")
+    local = trainer.weights_cpu()[0]
+    for key in ours:
+        torch.testing.assert_close(ours[key], local[key], rtol=1e-4, atol=1e-5)
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped(one_worker_run, tmp_path, capsys):
+    """Copy the finished run's checkpoints out of S3, truncate the final one and rerun: the
+    driver warns, naming it, resumes from the one before (a new attempt; Ray's own run
+    snapshot is never needed) and ends with the same weights."""
+    import pyarrow.fs as pafs
+
+    src_root, src_fs = storage(one_worker_run)
     params = _ray_params(one_worker_run, tmp_path, num_workers=1)
-    shutil.copytree(one_worker_run.ray.storage_path, params.ray.storage_path)
+    pafs.copy_files(src_root, params.ray.storage_path, source_filesystem=src_fs,
+                    destination_filesystem=pafs.LocalFileSystem())
     run = Path(params.ray.storage_path) / run_name(params, 1, workers=1)
     final = next(run.glob("attempt-*/step-0000030"))
     state = final / "state.pt"
@@ -167,14 +172,12 @@ def test_no_patch_twice_in_an_epoch_per_worker(ray_cluster, tiny_run):
     patch but the remainder Ray Data drops to keep the split equal."""
     import threading
 
-    import ray.data
-
     from fusion.engine.batches import source
+    from fusion.engine.cluster import read_patches
 
     src = source(tiny_run.train.data)
     _, rows = src.layout("train")
-    ds = ray.data.read_parquet(src.files("train"), filesystem=src.fs,
-                               columns=["pair_id", "y", "x"], ray_remote_args={"num_cpus": 0})
+    ds = read_patches(src, ["pair_id", "y", "x"])
     shards = ds.streaming_split(2, equal=True)
     seen: list[list[tuple]] = [[], []]
 

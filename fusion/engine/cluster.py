@@ -73,23 +73,40 @@ def run_config(name: str, root: str, fs: Any, max_failures: int, **options: Any)
                                **options)
 
 
+def read_patches(src: Any, columns: list[str] | None = None) -> Any:
+    """The training split of a patch source (``fusion.engine.batches.source``) as a Ray
+    Data dataset. Read tasks take no CPU slot (the workers hold the CPUs; reading Parquet is
+    I/O) and run one at a time (CPU-free tasks are otherwise unbounded; one keeps up with
+    training). Ray Data's first Parquet reader is used: the newer one (the default in Ray
+    2.60) starts 32 footer-reader actors, each a new Python process, to list even one file,
+    which took 45-50 s of every run's start-up on 2 cores."""
+    import ray.data
+
+    from fusion.engine.batches import COLUMNS
+
+    ctx = ray.data.DataContext.get_current()
+    saved, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(src.files("train"), filesystem=src.fs,
+                                     columns=columns or COLUMNS,
+                                     num_cpus=0, concurrency=1)
+    finally:
+        ctx.use_datasource_v2 = saved
+
+
 def train_dataset(params: Params) -> tuple[dict[str, Any], dict[str, Any], Any]:
     """The training split as a Ray Data dataset read from ``train.data`` (a folder or
     ``s3://``): (``datasets=`` for the TorchTrainer, what workers need to read it, its
-    ``DataConfig``). Read tasks take no CPU slot: the workers hold the CPUs, and reading
-    Parquet is I/O."""
+    ``DataConfig``)."""
     import ray.data
     import ray.train
 
-    from fusion.engine.batches import COLUMNS, source
+    from fusion.engine.batches import source
 
     src = source(params.train.data, params.ray.storage_endpoint)
     size, rows = src.layout("train")
-    # CPU-free read tasks are otherwise unbounded: one at a time, they keep up with training
-    ds = ray.data.read_parquet(src.files("train"), filesystem=src.fs, columns=COLUMNS,
-                               ray_remote_args={"num_cpus": 0}, concurrency=1)
     options = ray.data.ExecutionOptions(preserve_order=True)
-    return ({"train": ds}, {"patch_size": size, "rows": rows, "data": src.uri},
+    return ({"train": read_patches(src)}, {"patch_size": size, "rows": rows, "data": src.uri},
             ray.train.DataConfig(datasets_to_split=["train"], execution_options=options))
 
 
