@@ -17,7 +17,7 @@ demo: sync
 
 test: sync
 	$(UV) run ruff check .
-	$(UV) run pytest -q --durations=15
+	$(UV) run pytest -q -n 2 --dist loadgroup --durations=15
 
 bench: sync
 	$(UV) run python benchmarks/bench_prepare.py

@@ -13,7 +13,14 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # as fusion.distributed does
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # as fusion.engine.cluster does
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two test processes on the 2 cores: one torch thread each (and in
+    # the CLIs they start), as two threads per process ran up to 3x slower here
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Tests that use the session's Ray cluster, or /tmp/ray's session file, share one
+# process under `pytest -n 2 --dist loadgroup` (what `make test` runs)
+RAY_GROUP = pytest.mark.xdist_group("ray")
 SHARED_DATA = Path(os.environ.get("FUSION_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
@@ -150,7 +157,10 @@ def ray_cluster(s3_server):
     for key, value in WORKER_ENV.items():  # the Ray processes inherit them
         os.environ.setdefault(key, value)
     # two logical CPUs per node: one for a training worker, one for Ray Data's file listing
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    # its own dashboard port (the state API needs the dashboard; another local Ray may
+    # hold the default one)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2,
+                                                            "dashboard_port": free_port()})
     cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address, logging_level="WARNING")
     yield cluster

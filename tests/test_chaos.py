@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from fusion.params import BenchmarkSet, EvaluateParams, MlflowParams, PromoteParams, to_dict
-from tests.conftest import REPO, free_port, run_cli
+from tests.conftest import RAY_GROUP, REPO, free_port, run_cli
 
 
 class MlflowServer:
@@ -170,6 +170,7 @@ def test_a_dead_server_is_exit_75_naming_it(tmp_path):
             assert run.returncode == 75 and f"{uri} is unreachable" in run.stderr, command
 
 
+@RAY_GROUP
 def test_a_stale_local_ray_session_is_never_joined(tmp_path):
     """A local Ray whose processes died by kill -9 leaves its address in the session file;
     with no address configured the next run starts its own instance."""

@@ -19,10 +19,18 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.retrain import retrain
 from flows.tasks import BadData, StageFailed, dvc, exit_code, failure, retryable, stage_env
-from tests.conftest import REPO, S3_ENV, clone_repo, free_port, run_cmd, tiny_pipeline
+from tests.conftest import (
+    RAY_GROUP,
+    REPO,
+    S3_ENV,
+    clone_repo,
+    free_port,
+    run_cmd,
+    tiny_pipeline,
+)
 
-# the first retrain (search with 2 Ray Train trials, then both phases) takes minutes
-pytestmark = pytest.mark.timeout(1500)
+# the first retrain (search with 2 Ray Train trials, then phase 2) takes minutes
+pytestmark = [pytest.mark.timeout(1500), RAY_GROUP]
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,9 @@ from fusion.engine.ray_runner import Fault, train_ray
 from fusion.engine.runs import run_name
 from fusion.errors import FusionError
 from fusion.params import Params, RayParams
+from tests.conftest import RAY_GROUP
+
+pytestmark = RAY_GROUP
 
 
 def _ray_params(base: Params, tmp: Path, **ray) -> Params:
@@ -130,16 +133,23 @@ def test_resumed_ray_run_equals_the_single_process_loop_on_the_same_input(one_wo
     (shard,) = ds.streaming_split(1, equal=True)
     t = params.train
     batches = ShardBatches(shard, t.batch_size, t.seed, t.crop, size, rows, 1)
-    trainer = Trainer(params, 1)
-    trainer.fit(batches.batch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(params.ray.cpus_per_worker))  # as the Ray worker ran
+    try:
+        trainer = Trainer(params, 1)
+        trainer.fit(batches.batch)
+    finally:
+        torch.set_num_threads(threads)
     ray_curve = _curve(Path(t.curves) / "phase1_curve.csv")
     local_curve = {int(r["step"]): r["loss"] for r in trainer.curve}
     assert ray_curve.keys() == local_curve.keys() == set(range(5, 31, 5))
-    np.testing.assert_allclose(list(ray_curve.values()), list(local_curve.values()), rtol=1e-4)
+    # float noise only (seen: 1e-4 relative on a loss, 4e-5 on a weight); one Adam step
+    # moves a weight by about lr = 2e-3, so a lost or repeated step fails these bounds
+    np.testing.assert_allclose(list(ray_curve.values()), list(local_curve.values()), rtol=1e-3)
     ours = load_file(params.train.phase_out(1) / "model.safetensors")
     local = trainer.weights_cpu()[0]
     for key in ours:
-        torch.testing.assert_close(ours[key], local[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours[key], local[key], rtol=1e-3, atol=2e-4)
 
 
 def test_a_corrupt_newest_checkpoint_is_skipped(one_worker_run, tmp_path, capsys):
