@@ -79,19 +79,21 @@ def read_patches(src: Any, columns: list[str] | None = None) -> Any:
     I/O) and run one at a time (CPU-free tasks are otherwise unbounded; one keeps up with
     training). Ray Data's first Parquet reader is used: the newer one (the default in Ray
     2.60) starts 32 footer-reader actors, each a new Python process, to list even one file,
-    which took 45-50 s of every run's start-up on 2 cores."""
+    which took 45-50 s of every run's start-up on 2 cores. No progress bars: the training
+    loop prints its steps, and the bars filled the logs (the dataset keeps this context)."""
     import ray.data
 
     from fusion.engine.batches import COLUMNS
 
     ctx = ray.data.DataContext.get_current()
-    saved, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    saved = ctx.use_datasource_v2, ctx.enable_progress_bars
+    ctx.use_datasource_v2 = ctx.enable_progress_bars = False
     try:
         return ray.data.read_parquet(src.files("train"), filesystem=src.fs,
                                      columns=columns or COLUMNS,
                                      num_cpus=0, concurrency=1)
     finally:
-        ctx.use_datasource_v2 = saved
+        ctx.use_datasource_v2, ctx.enable_progress_bars = saved
 
 
 def train_dataset(params: Params) -> tuple[dict[str, Any], dict[str, Any], Any]:
