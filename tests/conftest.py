@@ -216,3 +216,46 @@ def tiny_pipeline(repo: Path, ray_address: str, init: str = "", **loss) -> dict:
                             eval_every=5)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return params
+
+
+class MlflowServer:
+    """A real `mlflow server` in its own process group (its uvicorn workers die with it),
+    backed by SQLite at ``db``; artifacts under ``db``'s folder unless ``artifacts`` names
+    a destination (e.g. ``s3://bucket/prefix`` with ``MLFLOW_S3_ENDPOINT_URL`` in ``env``)."""
+
+    def __init__(self, db: Path, artifacts: str = "", env: dict | None = None) -> None:
+        self.db, self.port = db, free_port()
+        self.artifacts = artifacts or str(db.parent / "artifacts")
+        self.env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = db.parent / f"mlflow-server-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import time
+        import urllib.request
+
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
+                 str(self.port), "--backend-store-uri", f"sqlite:///{self.db}",
+                 "--artifacts-destination", self.artifacts, "--workers", "1"],
+                env=self.env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.kill()
+                    pytest.fail(f"mlflow server did not start: {self.log.read_text()[-2000:]}")
+                time.sleep(0.5)
+
+    def kill(self, sig: int = 9) -> None:
+        """Signal the whole process group (SIGKILL by default) and wait for it."""
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.Signals(sig))
+        self.proc.wait(timeout=30)

@@ -7,48 +7,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from fusion.params import BenchmarkSet, EvaluateParams, MlflowParams, PromoteParams, to_dict
-from tests.conftest import RAY_GROUP, REPO, free_port, run_cli
-
-
-class MlflowServer:
-    """A real `mlflow server` in its own process group (its uvicorn workers die with it)."""
-
-    def __init__(self, db: Path) -> None:
-        self.db, self.port = db, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
-             str(self.port), "--backend-store-uri", f"sqlite:///{self.db}",
-             "--artifacts-destination", str(self.db.parent / "artifacts"), "--workers", "1"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
-                return
-            except OSError:
-                assert self.proc.poll() is None and time.time() < deadline, "no mlflow server"
-                time.sleep(0.5)
-
-    def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
+from tests.conftest import RAY_GROUP, REPO, MlflowServer, free_port, run_cli
 
 
 @pytest.fixture(scope="module")

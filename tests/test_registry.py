@@ -10,8 +10,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import boto3
@@ -28,7 +26,7 @@ from fusion.inference.fuse import TorchEngine
 from fusion.mlops.promotion import promote, rollback
 from fusion.mlops.tracking import connect, register
 from fusion.params import BenchmarkSet, EvaluateParams, MlflowParams, PromoteParams
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, MlflowServer, free_port
 
 SETS = [BenchmarkSet("tno", str(REPO / "data/sample/tno/ir"), str(REPO / "data/sample/tno/vi"))]
 
@@ -268,28 +266,11 @@ def test_unreachable_tracking_server_is_a_clear_error():
 @pytest.fixture
 def mlflow_server(s3_server, tmp_path):
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="mlflow-artifacts")
-    port = free_port()
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server,
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", "s3://mlflow-artifacts/store", "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"mlflow server did not start: {proc.stderr.read()[-2000:]}")
-            time.sleep(1)
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
+    server = MlflowServer(tmp_path / "server.db", "s3://mlflow-artifacts/store",
+                          {"MLFLOW_S3_ENDPOINT_URL": s3_server})
+    server.start()
+    yield server.uri
+    server.kill(15)
 
 
 def test_server_mode_with_s3_artifacts(mlflow_server, s3_server, tiny_run, tmp_path,
