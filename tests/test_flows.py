@@ -29,8 +29,9 @@ from tests.conftest import (
     tiny_pipeline,
 )
 
-# the first retrain (search with 2 Ray Train trials, then phase 2) takes minutes
-pytestmark = [pytest.mark.timeout(1500), RAY_GROUP]
+# the first retrain (search with 2 Ray Train trials, then phase 2) takes minutes; only the
+# tests of that retrain use the session's Ray cluster (RAY_GROUP), the rest run beside them
+pytestmark = pytest.mark.timeout(1500)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,7 @@ def retrained(tmp_path_factory, prefect_api, ray_cluster, tiny_run):
     return repo, state
 
 
+@RAY_GROUP
 def test_retrain_flow_end_to_end_produces_a_champion_and_a_report(retrained):
     repo, state = retrained
     assert state.is_completed(), state.message
@@ -89,6 +91,7 @@ def test_retrain_flow_end_to_end_produces_a_champion_and_a_report(retrained):
     assert any((repo.parent / "fusion-dvc-store").rglob("*"))
 
 
+@RAY_GROUP
 def test_search_first_logs_trials_and_trains_the_best_weights(retrained):
     repo, _ = retrained
     best = json.loads((repo / "reports/search/best.json").read_text())
@@ -113,6 +116,7 @@ def test_search_first_logs_trials_and_trains_the_best_weights(retrained):
             "phase2.w_adv"} <= set(children[0].data.params)
 
 
+@RAY_GROUP
 def test_retrain_flow_skips_training_when_nothing_changed(retrained):
     """Second run, searching first again: the study resumes (its 2 trials are there, none
     is rerun), the best weights are unchanged, so training is skipped."""
@@ -135,10 +139,10 @@ def test_retrain_flow_skips_training_when_nothing_changed(retrained):
     assert "Running stage 'prepare'" not in dry and "Running stage 'train_phase1'" not in dry
 
 
-def test_bad_data_fails_the_flow_with_its_reason_and_is_not_retried(tmp_path, prefect_api,
-                                                                   ray_cluster):
+def test_bad_data_fails_the_flow_with_its_reason_and_is_not_retried(tmp_path, prefect_api):
+    """Fails at `prepare`, before any training: no Ray cluster is needed."""
     repo = clone_repo(tmp_path)
-    params = tiny_pipeline(repo, ray_cluster.address)
+    params = tiny_pipeline(repo, "")
     params["data"]["strict"] = True
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for side in ("ir", "vi"):
