@@ -51,8 +51,9 @@ def connect(address: str = "") -> str:
 
 
 def local_cpus() -> int:
-    """Logical CPUs of a local instance: the cores plus one, which Ray Data's file-listing
-    task needs while the training workers hold every core (it only lists files)."""
+    """Logical CPUs of a local instance: the cores plus one, which Ray Data's Parquet
+    metadata task needs while the training workers hold every core (it only reads
+    footers)."""
     return (os.cpu_count() or 1) + 1
 
 
