@@ -107,11 +107,15 @@ class RunStore:
         if self.fs.get_file_info(self.root).type != pafs.FileType.NotFound:
             self.fs.delete_dir(self.root)
 
-    def prune(self, keep: str) -> None:
-        """Drop the attempts before ``keep`` once the run has finished."""
+    def prune(self, keep: str, steps: int) -> None:
+        """Once the run has finished: drop the attempts before ``keep`` and all but its
+        newest ``steps`` checkpoints (Ray's ``num_to_keep`` once left a checkpoint from
+        before a worker-group restart behind)."""
         for attempt in self.attempts():
             if attempt != keep:
                 self.fs.delete_dir(f"{self.root}/{attempt}")
+        for folder in [f for f in self.steps() if f"/{keep}/" in f][:-steps]:
+            self.fs.delete_dir(folder)
 
 
 def shipped(params: Params) -> Params:
@@ -225,7 +229,7 @@ def _fit(params: Params, phase: int, start: Start, init: Any, name: str, store: 
     if state is None or state["step"] != t.steps[phase - 1]:
         raise FusionError(f"phase {phase}: Ray Train run {name} ended without its final "
                           "checkpoint")
-    store.prune(attempt)
+    store.prune(attempt, t.keep_checkpoints)
     return finish(params, phase, state, name, start)
 
 
