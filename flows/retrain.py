@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"retrain: {p['model']} version {p['challenger']} "
               f"{'promoted' if p['promoted'] else 'not promoted'} ({p['reason']}); "
               f"champion: version {p['champion']}; report: reports/eval/report.md")
+        print("dvc.lock (and params.yaml, when the run merged params into it) now record "
+              "this run: `git commit dvc.lock params.yaml` keeps that record")
     return 0
 
 

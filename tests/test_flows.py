@@ -58,6 +58,9 @@ def retrained(tmp_path_factory, prefect_api, ray_cluster, tiny_run):
     searching first (2 trials, each a Ray Train run, then the best weights trained)."""
     repo = clone_repo(tmp_path_factory.mktemp("retrain"))
     tiny_pipeline(repo, ray_cluster.address, init=str(tiny_run.train.phase_out(2)))
+    run_cmd("git", "add", "-A", cwd=repo)
+    run_cmd("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone",
+            cwd=repo)
     state = retrain(repo=str(repo), search_first=True, return_state=True)
     return repo, state
 
@@ -89,6 +92,30 @@ def test_retrain_flow_end_to_end_produces_a_champion_and_a_report(retrained):
     run_cmd("dvc", "plots", "show", "-o", str(repo.parent / "plots"), cwd=repo)
     assert (repo.parent / "plots" / "index.html").exists()
     assert any((repo.parent / "fusion-dvc-store").rglob("*"))
+    # the git tree: the run's record (dvc.lock, and params.yaml with the search's best
+    # weights) is modified for the user to commit, nothing is staged or left untracked
+    assert sorted(run_cmd("git", "status", "--porcelain", cwd=repo).splitlines()) == [
+        " M dvc.lock", " M params.yaml"]
+
+
+def _task_log(task_run) -> list[str]:
+    reply = httpx.post(f"{PREFECT_API_URL.value()}/logs/filter", json={
+        "logs": {"task_run_id": {"any_": [str(task_run.id)]}}, "sort": "TIMESTAMP_ASC",
+        "limit": 200, "offset": 0})
+    return [log["message"] for log in reply.raise_for_status().json()]
+
+
+@RAY_GROUP
+def test_training_log_shows_each_step_once_without_ray_noise(retrained):
+    """The Ray Train stage's log as a person reads it: each step line once, no Ray Train
+    per-report INFO line, no Ray Data execution lines, no colour codes (not a TTY)."""
+    _, state = retrained
+    (task_run,) = _task_runs(state)["dvc repro train_phase2"]
+    lines = _task_log(task_run)
+    steps = [line for line in lines if "phase 2 step " in line]
+    assert len(steps) == 2 and len(set(steps)) == 2, lines  # 10 steps, logged every 5
+    assert not [line for line in lines if "Reporting training result" in line
+                or "Dataset train" in line or "\x1b[" in line], lines
 
 
 @RAY_GROUP

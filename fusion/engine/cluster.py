@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 from fusion.errors import TransientError
@@ -26,6 +27,11 @@ WORKER_ENV = {
     # keep idle worker processes for a minute instead of a second: Ray Data's short tasks
     # otherwise start a new Python process (seconds of CPU on a small node) again and again
     "RAY_idle_worker_killing_time_threshold_ms": "60000",
+    # Ray Train V2 replaces `print` on its workers with a tee into its logger, which the
+    # console handler prints again: every step line appeared twice
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # Ray Data's INFO lines (execution plans, "execution finished") filled the flow logs
+    "RAY_DATA_LOG_LEVEL": "WARNING",
 }
 
 
@@ -34,6 +40,10 @@ def connect(address: str = "") -> str:
     address joined ("local" for a new instance). Safe to call twice."""
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
+    if not sys.stderr.isatty():  # no colour codes in a log file: Ray colours the worker
+        # prefix of forwarded lines, and the note on lines it merged across workers
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import ray
 
     for name in QUIET_LOGGERS:
@@ -41,7 +51,10 @@ def connect(address: str = "") -> str:
     address = address or os.environ.get("RAY_ADDRESS", "")
     if ray.is_initialized():
         return address or "local"
-    options = {} if address else {"num_cpus": local_cpus()}
+    # a cluster started elsewhere (`ray start`) did not inherit WORKER_ENV: the job's
+    # runtime environment carries it to this job's workers
+    options = ({"runtime_env": {"env_vars": WORKER_ENV}} if address
+               else {"num_cpus": local_cpus()})
     try:
         ray.init(address=address or "local", logging_level="WARNING", log_to_driver=True,
                  **options)
@@ -146,6 +159,10 @@ def worker_setup(params: Params) -> tuple[int, int, Any]:
     warnings.filterwarnings("ignore", message="Grad strides do not match")  # DDP, harmless
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray Train's "Reporting training result" INFO line comes from a logger named by its
+    # file path, outside `ray.train`, so LoggingConfig's level misses it; the loop's own
+    # lines are printed, not logged
+    logging.getLogger().setLevel(logging.WARNING)
     torch.set_num_threads(max(1, int(params.ray.cpus_per_worker)))
     ctx = ray.train.get_context()
     return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()

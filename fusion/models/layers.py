@@ -288,10 +288,11 @@ def low_pass(x: torch.Tensor, sigma: float) -> torch.Tensor:
     that inference does not import kornia, and exportable to ONNX."""
     if sigma <= 0:
         return x
-    r = math.ceil(3 * sigma)
+    r, c = math.ceil(3 * sigma), int(x.shape[1])  # (a fixed channel count: the kernel's
+    # shape stays known to the ONNX exporter)
     t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-(t / sigma) ** 2 / 2)
-    k = (k / k.sum()).repeat(x.shape[1], 1, 1, 1)
+    k = (k / k.sum()).repeat(c, 1, 1, 1)
     x = F.pad(x, (r, r, r, r), mode="reflect")
-    x = F.conv2d(x, k.view(-1, 1, 1, 2 * r + 1), groups=x.shape[1])
-    return F.conv2d(x, k.view(-1, 1, 2 * r + 1, 1), groups=x.shape[1])
+    x = F.conv2d(x, k.view(-1, 1, 1, 2 * r + 1), groups=c)
+    return F.conv2d(x, k.view(-1, 1, 2 * r + 1, 1), groups=c)
