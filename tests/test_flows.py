@@ -13,9 +13,13 @@ from mlflow import MlflowClient
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.sorting import TaskRunSort
-from prefect.settings import PREFECT_API_URL
-from prefect.testing.utilities import prefect_test_harness
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_CLIENT_RETRY_EXTRA_CODES,
+    temporary_settings,
+)
 
 from flows.retrain import retrain
 from flows.tasks import BadData, StageFailed, dvc, exit_code, failure, retryable, stage_env
@@ -23,6 +27,7 @@ from tests.conftest import (
     RAY_GROUP,
     REPO,
     S3_ENV,
+    PrefectServer,
     clone_repo,
     free_port,
     run_cmd,
@@ -35,15 +40,26 @@ pytestmark = pytest.mark.timeout(1500)
 
 
 @pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+def prefect_api(postgres, tmp_path_factory):
+    """A real Prefect server process on PostgreSQL; this test process is one of its
+    clients (flows called here report to it)."""
+    server = PrefectServer(postgres.database("prefect"), tmp_path_factory.mktemp("prefect"))
+    server.start()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api,
+                                         PREFECT_CLIENT_RETRY_EXTRA_CODES: {500}}):
+            yield server
+    finally:
+        server.stop()
 
 
 def _task_runs(flow_state) -> dict[str, list]:
+    """{task run name: its runs}, of a flow run (or of the flow run of a final state)."""
+    run_id = (flow_state.id if isinstance(flow_state, FlowRun)
+              else flow_state.state_details.flow_run_id)
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])),
+            id=FlowRunFilterId(any_=[run_id])),
             sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
     by_name: dict[str, list] = {}
     for run in runs:
@@ -51,31 +67,65 @@ def _task_runs(flow_state) -> dict[str, list]:
     return by_name
 
 
+def _wait_for_run(run_id, done, timeout: float = 1400):
+    """Poll the flow run until ``done(flow run)``; returns it."""
+    import time
+
+    deadline = time.time() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(run_id)
+            if done(run) or run.state.is_final() or time.time() > deadline:
+                return run
+            time.sleep(3)
+
+
 @pytest.fixture(scope="module")
-def retrained(tmp_path_factory, prefect_api, ray_cluster, tiny_run):
-    """A fresh clone with a tiny config, retrained once by the flow as a scheduled retrain
-    does it: warm-started from a trained model (phase 1 passed through, phase 2 fine-tuned),
-    searching first (2 trials, each a Ray Train run, then the best weights trained)."""
+def retrained(tmp_path_factory, prefect_api, postgres, ray_cluster, tiny_run):
+    """A fresh clone with a tiny config, retrained once as a scheduled retrain is: a
+    deployment on a process work pool, started through Prefect's API and run by a Prefect
+    worker. Warm-started from a trained model (phase 1 passed through, phase 2
+    fine-tuned), searching first (2 trials, each a Ray Train run, then the best weights
+    trained). Once phase 2 training has started, the Prefect server's PostgreSQL restarts
+    (down 5 s)."""
+    import time
+
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.deployments import run_deployment
+    from prefect.workers.process import ProcessWorker
+
     repo = clone_repo(tmp_path_factory.mktemp("retrain"))
     tiny_pipeline(repo, ray_cluster.address, init=str(tiny_run.train.phase_out(2)))
     run_cmd("git", "add", "-A", cwd=repo)
     run_cmd("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone",
             cwd=repo)
-    state = retrain(repo=str(repo), search_first=True, return_state=True)
-    return repo, state
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(
+            name="fusion-process", type="process",
+            base_job_template=ProcessWorker.get_default_base_job_template()))
+    retrain.from_source(str(repo), "flows/retrain.py:retrain").to_deployment(
+        name="tiny", work_pool_name="fusion-process",
+        parameters={"repo": str(repo), "search_first": True}).apply()
+    prefect_api.worker("fusion-process", cwd=repo.parent)
+    run = run_deployment("fusion-retrain/tiny", timeout=0)
+    run = _wait_for_run(run.id, lambda r: "dvc repro train_phase2" in _task_runs(r))
+    assert not run.state.is_final(), run.state  # the outage hits a running flow
+    postgres.stop()
+    time.sleep(5)
+    postgres.start()
+    return repo, _wait_for_run(run.id, lambda r: False)
 
 
 @RAY_GROUP
 def test_retrain_flow_end_to_end_produces_a_champion_and_a_report(retrained):
-    repo, state = retrained
-    assert state.is_completed(), state.message
-    result = state.result()
-    assert result["skipped"] is False
-    promotion = result["promotion"]
+    """Run by a worker, through a PostgreSQL restart: completed, with every stage once."""
+    repo, run = retrained
+    assert run.state.is_completed(), run.state.message
+    promotion = json.loads((repo / "reports/promotion.json").read_text())
     assert promotion["promoted"] and promotion["champion"] == "1"
     record = json.loads((repo / "reports/registered.json").read_text())
     assert record["version"] == "1" and record["tracking_uri"] == f"sqlite:///{repo / 'mlflow.db'}"
-    runs = _task_runs(state)
+    runs = _task_runs(run)
     for name in ("dvc pull --allow-missing", "dvc repro prepare", "dvc repro train_phase1",
                  "dvc repro train_phase2", "dvc repro evaluate", "dvc repro register",
                  "fusion promote --json reports/promotion.json", "dvc push"):
@@ -109,8 +159,8 @@ def _task_log(task_run) -> list[str]:
 def test_training_log_shows_each_step_once_without_ray_noise(retrained):
     """The Ray Train stage's log as a person reads it: each step line once, no Ray Train
     per-report INFO line, no Ray Data execution lines, no colour codes (not a TTY)."""
-    _, state = retrained
-    (task_run,) = _task_runs(state)["dvc repro train_phase2"]
+    _, run = retrained
+    (task_run,) = _task_runs(run)["dvc repro train_phase2"]
     lines = _task_log(task_run)
     steps = [line for line in lines if "phase 2 step " in line]
     assert len(steps) == 2 and len(set(steps)) == 2, lines  # 10 steps, logged every 5

@@ -15,6 +15,7 @@ import yaml
 
 from fusion.cli import build_parser
 from fusion.params import load_params
+from tests.conftest import PrefectServer
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -63,7 +64,12 @@ def test_compose_services_are_wired_to_each_other():
     mlflow_cmd = " ".join(services["mlflow"]["command"])
     assert "@postgres:5432/mlflow" in mlflow_cmd and "s3://" in mlflow_cmd
     assert "@postgres:5432/prefect" in services["prefect-server"]["environment"][
-        "PREFECT_API_DATABASE_CONNECTION_URL"]
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL"]
+    # the worker retries as the one of the loopback test (tests/test_flows.py) does
+    worker_env = services["prefect-worker"]["environment"]
+    client_env = PrefectServer("postgresql://x@h/prefect", REPO).client_env
+    for key in ("PREFECT_CLIENT_RETRY_EXTRA_CODES", "PREFECT_CLIENT_MAX_RETRIES"):
+        assert str(worker_env[key]) == client_env[key], key
     init = (INFRA / "postgres/init.sql").read_text()
     for db in ("mlflow", "prefect", "optuna"):
         assert f"CREATE DATABASE {db};" in init

@@ -264,23 +264,40 @@ def test_unreachable_tracking_server_is_a_clear_error():
 
 
 @pytest.fixture
-def mlflow_server(s3_server, tmp_path):
+def mlflow_server(s3_server, postgres, tmp_path):
+    """A team's tracking server: metadata and registry in PostgreSQL, artifacts in S3."""
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="mlflow-artifacts")
     server = MlflowServer(tmp_path / "server.db", "s3://mlflow-artifacts/store",
-                          {"MLFLOW_S3_ENDPOINT_URL": s3_server})
+                          {"MLFLOW_S3_ENDPOINT_URL": s3_server},
+                          backend=postgres.database(f"mlflow_{tmp_path.name.lower()}"))
     server.start()
     yield server.uri
     server.kill(15)
 
 
-def test_server_mode_with_s3_artifacts(mlflow_server, s3_server, tiny_run, tmp_path,
-                                       monkeypatch):
+def test_server_on_postgres_with_s3_artifacts_survives_a_database_restart(
+        mlflow_server, s3_server, postgres, tiny_run, tmp_path, monkeypatch):
+    """Register, then PostgreSQL restarts (down for 2 s): the promotion that follows is
+    answered once the database is back (the server answers 503 meanwhile, which the client
+    retries: `mlflow.retries`, 2 by default, waits 1 s then 2 s), and the registry holds
+    the champion."""
+    import threading
+    import time
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)  # the client needs no S3
     params = _setup(tiny_run, tmp_path, mlflow_server)
     _evaluate(params)
     register(params)
-    assert promote(params)["promoted"]
+    postgres.stop()
+    back = threading.Timer(2.0, postgres.start)
+    back.start()
+    started = time.monotonic()
+    try:
+        assert promote(params)["promoted"]
+    finally:
+        back.join()
+    assert time.monotonic() - started >= 2.0  # it was answered only after the restart
     model = mlflow.pyfunc.load_model(f"models:/{params.model_name}@champion")
     fused = model.predict(np.stack([np.zeros((24, 24), np.float32),
                                     np.ones((24, 24), np.float32)]))

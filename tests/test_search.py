@@ -28,10 +28,13 @@ def test_search_space_must_name_loss_weights():
                            "log: true}]"])
 
 
-def test_a_resumed_study_counts_only_finished_trials(tmp_path):
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_resumed_study_counts_only_finished_trials(backend, tmp_path, request):
+    """On the default SQLite file and on a real PostgreSQL server (a team's study)."""
     from fusion.mlops.search import _finished, redact
 
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    url = (f"sqlite:///{tmp_path / 'optuna.db'}" if backend == "sqlite"
+           else request.getfixturevalue("postgres").database("optuna_resume"))
     assert _finished(url, "s") == 0  # no study yet: everything to do
     study = optuna.create_study(study_name="s", storage=url, direction="maximize")
     study.optimize(lambda t: t.suggest_float("lam", 0, 1), n_trials=2)

@@ -221,14 +221,14 @@ def _nested(weights: dict[str, float]) -> dict[str, dict[str, float]]:
 
 def _tune(params: Params, study: str, url: str, todo: int, val: list, uri: str,
           parent: str, address: str, start: Start) -> None:
+    s = params.search
+    connect(address or params.ray.address)  # first: it sets the environment Ray reads on import
     import optuna
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    s = params.search
-    connect(address or params.ray.address)
     root, fs = storage(params)
     phases = [n for n in range(1, len(params.family.phases) + 1)
               if params.family.runs_phase(n, start.warm)]
