@@ -242,11 +242,13 @@ class PostgresServer:
                 os.chown(folder, 65534, 65534)
         self.data.chmod(0o700)
 
-    def _run(self, tool: str, *args: str) -> str:
+    def _run(self, tool: str, *args: str, ok: str = "") -> str:
+        """Run a PostgreSQL tool; ``ok``: an error message that counts as success."""
         done = subprocess.run([*self.as_user, str(self.bin / tool), *args], capture_output=True,
                               text=True, timeout=120, env={**os.environ, "LC_ALL": "C",
                                                            "HOME": str(self.base)})
-        assert done.returncode == 0, f"{tool}: {done.stdout}{done.stderr}"
+        assert done.returncode == 0 or (ok and ok in done.stderr), \
+            f"{tool}: {done.stdout}{done.stderr}"
         return done.stdout
 
     def init(self) -> PostgresServer:
@@ -267,8 +269,10 @@ class PostgresServer:
         self._run("pg_ctl", "-D", str(self.data), "-w", "-m", "fast", "stop")
 
     def database(self, name: str) -> str:
-        """Create database ``name``; returns its SQLAlchemy URL (psycopg2 driver)."""
-        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
+        """Database ``name`` (created unless it exists: a module fixture may be set up
+        again in the same test process); returns its URL."""
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name,
+                  ok="already exists")
         return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
 
 

@@ -102,7 +102,7 @@ def retrained(tmp_path_factory, prefect_api, postgres, ray_cluster, tiny_run):
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(
             name="fusion-process", type="process",
-            base_job_template=ProcessWorker.get_default_base_job_template()))
+            base_job_template=ProcessWorker.get_default_base_job_template()), overwrite=True)
     retrain.from_source(str(repo), "flows/retrain.py:retrain").to_deployment(
         name="tiny", work_pool_name="fusion-process",
         parameters={"repo": str(repo), "search_first": True}).apply()
