@@ -14,6 +14,10 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # as fusion.engine.cluster does
+# `ray start` clusters use token authentication (Ray's default): one token per test process
+# for its cluster and every client, set before Ray is imported (it reads them on import)
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", __import__("secrets").token_hex(32))
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two test processes on the 2 cores: one torch thread each (and in
     # the CLIs they start), as two threads per process ran up to 3x slower here
@@ -145,27 +149,90 @@ def s3_server():
             os.environ[key] = value
 
 
+class RayNodes:
+    """A two-node Ray cluster as a team starts one: a `ray start --head` process and a
+    `ray start --address` worker, each with its own temp dir (two machines' worth of
+    session files), on loopback, with their own ports (another Ray on this machine keeps
+    the defaults), and the token of this test process (see the top of this file). Two
+    logical CPUs per node: a training worker and Ray Data's reads."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        # short paths: Ray's Unix sockets live under the temp dir (108-byte limit)
+        self.dirs = [Path(tempfile.mkdtemp(prefix=f"ray{role}-", dir="/tmp"))
+                     for role in ("h", "w")]
+        self.procs: list[subprocess.Popen] = []
+
+    def _node(self, temp: Path, *args: str) -> None:
+        ports = [f"--{name}={free_port()}" for name in (
+            "node-manager-port", "object-manager-port", "metrics-export-port",
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+            "runtime-env-agent-port")]
+        with (temp / "ray-start.log").open("ab") as log:
+            self.procs.append(subprocess.Popen(
+                [str(Path(sys.executable).with_name("ray")), "start", "--block",
+                 "--num-cpus=2", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
+                 "--disable-usage-stats", *ports, *args], env=os.environ, stdout=log,
+                stderr=log, start_new_session=True))
+
+    def start(self) -> RayNodes:
+        import time
+
+        import ray
+
+        self._node(self.dirs[0], "--head", f"--port={self.port}", "--include-dashboard=true",
+                   f"--dashboard-port={free_port()}",
+                   f"--ray-client-server-port={free_port()}")
+        deadline = time.time() + 180
+        while subprocess.run([str(Path(sys.executable).with_name("ray")), "health-check",
+                              f"--address={self.address}"], capture_output=True).returncode:
+            if time.time() > deadline or self.procs[0].poll() is not None:
+                self.stop()
+                pytest.fail(f"ray head did not start: {self.log(0)}")
+            time.sleep(1)
+        self._node(self.dirs[1], f"--address={self.address}")
+        ray.init(address=self.address, logging_level="WARNING")
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+            if time.time() > deadline or self.procs[1].poll() is not None:
+                self.stop()
+                pytest.fail(f"ray worker node did not join: {self.log(1)}")
+            time.sleep(1)
+        return self
+
+    def log(self, node: int) -> str:
+        return (self.dirs[node] / "ray-start.log").read_text()[-2000:]
+
+    def stop(self) -> None:
+        """ray.shutdown, then SIGKILL each node's process group (`ray start --block`, its
+        GCS, raylet and workers): `ray stop` would stop every Ray on the machine, and
+        `ray start --block` did not exit on SIGTERM within 20 s."""
+        import signal
+
+        import ray
+
+        ray.shutdown()
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        for temp in self.dirs:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server):
-    """One two-node Ray cluster for the whole session: starting Ray costs
-    tens of seconds on 2 cores. Depends on ``s3_server`` so workers see its credentials."""
-    import ray
-    from ray.cluster_utils import Cluster
-
+    """The session's two-node Ray cluster (`RayNodes`): starting Ray costs tens of seconds
+    on 2 cores. Depends on ``s3_server`` so the nodes' workers see its credentials."""
     from fusion.engine.cluster import WORKER_ENV
 
     for key, value in WORKER_ENV.items():  # the Ray processes inherit them
         os.environ.setdefault(key, value)
-    # two logical CPUs per node: one for a training worker, one for Ray Data's file listing
-    # its own dashboard port (the state API needs the dashboard; another local Ray may
-    # hold the default one)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2,
-                                                            "dashboard_port": free_port()})
-    cluster.add_node(num_cpus=2)
-    ray.init(address=cluster.address, logging_level="WARNING")
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    nodes = RayNodes().start()
+    yield nodes
+    nodes.stop()
 
 
 def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None,
