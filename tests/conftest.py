@@ -149,6 +149,20 @@ def s3_server():
             os.environ[key] = value
 
 
+def stop_group(proc: subprocess.Popen, sig: int = 15) -> None:
+    """Signal the process group of ``proc`` (started with ``start_new_session``: a server
+    and the processes it started), SIGKILL it if it is still there after 30 s."""
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.Signals(sig))
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
 class RayNodes:
     """A two-node Ray cluster as a team starts one: a `ray start --head` process and a
     `ray start --address` worker, each with its own temp dir (two machines' worth of
@@ -209,15 +223,11 @@ class RayNodes:
         """ray.shutdown, then SIGKILL each node's process group (`ray start --block`, its
         GCS, raylet and workers): `ray stop` would stop every Ray on the machine, and
         `ray start --block` did not exit on SIGTERM within 20 s."""
-        import signal
-
         import ray
 
         ray.shutdown()
         for proc in reversed(self.procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+            stop_group(proc, 9)
         for temp in self.dirs:
             shutil.rmtree(temp, ignore_errors=True)
 
@@ -352,19 +362,6 @@ def postgres():
     shutil.rmtree(server.base, ignore_errors=True)
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM a process group started with ``start_new_session``, SIGKILL after 30 s."""
-    import signal
-
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
 class PrefectServer:
     """A real `prefect server start` process on a PostgreSQL database (as a team runs it),
     and process workers for its work pools. ``client_env``: what a client of this server (a
@@ -428,7 +425,7 @@ class PrefectServer:
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
-            _stop_group(proc)
+            stop_group(proc)
 
 
 class MlflowServer:
@@ -470,8 +467,4 @@ class MlflowServer:
 
     def kill(self, sig: int = 9) -> None:
         """Signal the whole process group (SIGKILL by default) and wait for it."""
-        import signal
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.Signals(sig))
-        self.proc.wait(timeout=30)
+        stop_group(self.proc, sig)
