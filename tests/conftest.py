@@ -149,6 +149,29 @@ def s3_server():
             os.environ[key] = value
 
 
+def wait_until(ready, proc: subprocess.Popen, timeout: float, every: float = 1.0) -> bool:
+    """Poll ``ready()`` until it holds: False once ``proc`` (the service) has exited or
+    ``timeout`` seconds have passed."""
+    import time
+
+    deadline = time.time() + timeout
+    while not ready():
+        if proc.poll() is not None or time.time() > deadline:
+            return False
+        time.sleep(every)
+    return True
+
+
+def answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(url, timeout=2)
+        return True
+    except OSError:
+        return False
+
+
 def stop_group(proc: subprocess.Popen, sig: int = 15) -> None:
     """Signal the process group of ``proc`` (started with ``start_new_session``: a server
     and the processes it started), SIGKILL it if it is still there after 30 s."""
@@ -193,27 +216,23 @@ class RayNodes:
                 stderr=log, start_new_session=True))
 
     def start(self) -> RayNodes:
-        import time
-
         import ray
 
         self._node(self.dirs[0], "--head", f"--port={self.port}", "--include-dashboard=true",
                    f"--dashboard-port={free_port()}",
                    f"--ray-client-server-port={free_port()}")
-        deadline = time.time() + 180
-        while subprocess.run([str(Path(sys.executable).with_name("ray")), "health-check",
-                              f"--address={self.address}"], capture_output=True).returncode:
-            if time.time() > deadline or self.procs[0].poll() is not None:
-                self.stop()
-                pytest.fail(f"ray head did not start: {self.log(0)}")
-            time.sleep(1)
+        if not wait_until(lambda: subprocess.run(
+                [str(Path(sys.executable).with_name("ray")), "health-check",
+                 f"--address={self.address}"], capture_output=True).returncode == 0,
+                self.procs[0], 180):
+            self.stop()
+            pytest.fail(f"ray head did not start: {self.log(0)}")
         self._node(self.dirs[1], f"--address={self.address}")
         ray.init(address=self.address, logging_level="WARNING")
-        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
-            if time.time() > deadline or self.procs[1].poll() is not None:
-                self.stop()
-                pytest.fail(f"ray worker node did not join: {self.log(1)}")
-            time.sleep(1)
+        if not wait_until(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 2,
+                          self.procs[1], 180):
+            self.stop()
+            pytest.fail(f"ray worker node did not join: {self.log(1)}")
         return self
 
     def log(self, node: int) -> str:
@@ -399,21 +418,12 @@ class PrefectServer:
         return proc
 
     def start(self) -> None:
-        import time
-        import urllib.request
-
         server = self._spawn("server", "server", "start", "--no-ui")
-        deadline = time.time() + 240  # first start: database migrations
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.api}/health", timeout=2)
-                return
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    self.stop()
-                    pytest.fail("prefect server did not start: "
-                                f"{(self.home / 'server.log').read_text()[-2000:]}")
-                time.sleep(1)
+        # (240 s: the first start migrates the database)
+        if not wait_until(lambda: answers(f"{self.api}/health"), server, 240):
+            self.stop()
+            pytest.fail("prefect server did not start: "
+                        f"{(self.home / 'server.log').read_text()[-2000:]}")
 
     def worker(self, pool: str, cwd: Path) -> subprocess.Popen:
         """A process worker polling ``pool`` (created if missing); flow runs inherit its
@@ -445,25 +455,15 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        import time
-        import urllib.request
-
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
                  str(self.port), "--backend-store-uri", self.backend,
                  "--artifacts-destination", self.artifacts, "--workers", "1"],
                 env=self.env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    self.kill()
-                    pytest.fail(f"mlflow server did not start: {self.log.read_text()[-2000:]}")
-                time.sleep(0.5)
+        if not wait_until(lambda: answers(f"{self.uri}/health"), self.proc, 120, every=0.5):
+            self.kill()
+            pytest.fail(f"mlflow server did not start: {self.log.read_text()[-2000:]}")
 
     def kill(self, sig: int = 9) -> None:
         """Signal the whole process group (SIGKILL by default) and wait for it."""
