@@ -96,26 +96,9 @@ def filesystem(uri: str, endpoint: str = "", what: str = "path") -> tuple[str, A
 
     url = urlparse(uri)
     if url.scheme == "s3":
+        from fusion.s3 import s3_filesystem
+
         return f"{url.netloc}{url.path}".rstrip("/"), s3_filesystem(endpoint)
     if url.scheme not in ("", "file"):
         raise FusionError(f"{what} {uri!r}: only local folders and s3:// are supported")
     return str(Path(url.path if url.scheme else uri).resolve()), pafs.LocalFileSystem()
-
-
-def s3_filesystem(endpoint: str = "") -> Any:
-    """pyarrow S3 filesystem: ``endpoint`` (else ``$AWS_ENDPOINT_URL``) for S3-compatible
-    stores; requests time out and are retried with backoff, so a short outage of the store
-    delays a read or a checkpoint instead of failing it."""
-    import pyarrow.fs as pafs
-
-    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
-    options: dict[str, Any] = {"connect_timeout": 10, "request_timeout": 30,
-                               "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=10)}
-    if endpoint:
-        options["endpoint_override"] = endpoint
-        if endpoint.startswith("http://"):
-            options["scheme"] = "http"
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-    if region:
-        options["region"] = region
-    return pafs.S3FileSystem(**options)

@@ -128,25 +128,73 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
           "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """A moto S3 server on loopback (real HTTP, so pyarrow, s3fs and DVC reach it);
-    yields its endpoint URL. Dummy credentials go into the environment first, so Ray
-    workers started afterwards inherit them."""
-    from moto.server import ThreadedMotoServer
+class MotoS3:
+    """A moto S3 server on loopback (real HTTP, so pyarrow, s3fs and DVC reach it) whose
+    requests can be failed for a while, as a struggling store answers: HTTP 503 SlowDown.
+    ``outage(key, seconds)`` arms it: the first request whose path holds ``key`` starts
+    the outage (so it overlaps that write for certain); ``failed`` lists what was refused."""
 
+    def __init__(self) -> None:
+        import threading
+
+        from moto.moto_server.werkzeug_app import (
+            DomainDispatcherApplication,
+            MotoRequestHandler,
+            create_backend_app,
+        )
+        from werkzeug.serving import make_server
+
+        self._app = DomainDispatcherApplication(create_backend_app)
+        self._armed: tuple[str, float] | None = None
+        self._until = 0.0
+        self.failed: list[str] = []
+        self._server = make_server("127.0.0.1", free_port(), self._serve, True,
+                                   request_handler=MotoRequestHandler)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def outage(self, key: str, seconds: float) -> None:
+        self._armed, self.failed = (key, seconds), []
+
+    def _serve(self, environ: dict, start_response):
+        import time
+
+        request = f"{environ['REQUEST_METHOD']} {environ.get('PATH_INFO', '')}"
+        if self._armed and self._armed[0] in request:
+            self._until, self._armed = time.time() + self._armed[1], None
+        if time.time() < self._until:
+            self.failed.append(request)
+            start_response("503 Slow Down", [("Content-Type", "application/xml")])
+            return [b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
+                    b"<Message>Please reduce your request rate.</Message></Error>"]
+        return self._app(environ, start_response)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """The test process's S3 server (`MotoS3`). Dummy credentials go into the environment
+    first, so Ray workers started afterwards inherit them."""
     saved = {k: os.environ.get(k) for k in S3_ENV}
     os.environ.update(S3_ENV)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
+    server = MotoS3()
+    yield server
     server.stop()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3):
+    """The S3 server's endpoint URL."""
+    return s3.url
 
 
 def wait_until(ready, proc: subprocess.Popen, timeout: float, every: float = 1.0) -> bool:

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "fusion"
 # pipeline stages in data-flow order; a module may import its own stage and earlier ones
 STAGES = ["data", "models", "engine", "inference", "evaluation", "mlops", "cli"]
-BASE = {"errors", "params", "files", "progress", "chaos"}  # shared by every stage
+BASE = {"errors", "params", "files", "s3", "progress", "chaos"}  # shared by every stage
 REGISTRY = {PACKAGE / "models/registry.py", PACKAGE / "models/__init__.py"}
 
 

@@ -83,25 +83,28 @@ def test_rerun_of_a_finished_run_exports_without_training(two_node_run):
 
 
 @pytest.fixture(scope="module")
-def one_worker_run(ray_cluster, tiny_runs, s3_server, tmp_path_factory):
+def one_worker_run(ray_cluster, tiny_runs, s3, tmp_path_factory):
     """CDDFuse (no discriminators) phase 1 on Ray Train with one worker and checkpoints in
     S3; the worker exits hard at step 15, so the group restarts from the step-10
-    checkpoint. (One run serves the restart, the equality and the corrupt-checkpoint
-    tests: a Ray Train run costs about a minute of start-up here.)"""
+    checkpoint, and S3 answers every request with 503 SlowDown for 4 s from the first
+    upload of the step-20 state file on. (One run serves the restart, the S3 outage, the
+    equality and the corrupt-checkpoint tests: a Ray Train run costs about a minute of
+    start-up here.)"""
     tmp = tmp_path_factory.mktemp("ray1")
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="ckpt")
+    boto3.client("s3", endpoint_url=s3.url).create_bucket(Bucket="ckpt")
     params = _ray_params(tiny_runs["cddfuse"], tmp, num_workers=1,
-                         storage_path="s3://ckpt/runs", storage_endpoint=s3_server)
+                         storage_path="s3://ckpt/runs", storage_endpoint=s3.url)
     fault = Fault(step=15, marker=str(tmp / "fault-fired"), rank=0)
+    s3.outage("/step-0000020/state.pt", seconds=4)
     train_ray(params, 1, fault=fault)
     assert Path(fault.marker).exists()
-    return params
+    return params, list(s3.failed)
 
 
 def test_worker_death_resumes_from_s3_checkpoint(one_worker_run, s3_server):
     """The worker died at step 15; the restarted group resumed from the step-10 checkpoint
     in S3 and finished at the configured step, and every stored checkpoint verifies."""
-    params = one_worker_run
+    params, _ = one_worker_run
     config = json.loads((params.train.phase_out(1) / "config.json").read_text())
     assert config["steps"] == 30 and config["resumed_at"] == [10]
     s3 = boto3.client("s3", endpoint_url=s3_server)
@@ -115,6 +118,17 @@ def test_worker_death_resumes_from_s3_checkpoint(one_worker_run, s3_server):
         assert torch.load(io.BytesIO(body), weights_only=True)["phase"] == 1
 
 
+def test_a_checkpoint_write_outlives_an_s3_outage(one_worker_run):
+    """S3 refused the step-20 checkpoint's uploads (503 for 4 s, from its state file on):
+    the worker's copy of the store retried them (pyarrow's pickling dropped the retry
+    strategy, and such a write failed after 0.3 s), so no restart was spent on it and the
+    checkpoint verifies (above)."""
+    params, failed = one_worker_run
+    assert failed and failed[0].endswith("/step-0000020/state.pt"), failed
+    config = json.loads((params.train.phase_out(1) / "config.json").read_text())
+    assert config["resumed_at"] == [10]  # the one restart is the injected worker death
+
+
 def test_resumed_ray_run_equals_the_single_process_loop_on_the_same_input(one_worker_run):
     """The local loop fed the same Ray Data shard (one split, seeded shuffles), never
     interrupted, gives the curve and the weights of the Ray Train run that lost its worker
@@ -125,7 +139,7 @@ def test_resumed_ray_run_equals_the_single_process_loop_on_the_same_input(one_wo
     from fusion.engine.cluster import read_patches
     from fusion.engine.trainer import Trainer
 
-    params = one_worker_run
+    params, _ = one_worker_run
     src = source(params.train.data)
     size, rows = src.layout("train")
     ds = read_patches(src)
@@ -158,8 +172,9 @@ def test_a_corrupt_newest_checkpoint_is_skipped(one_worker_run, tmp_path, capsys
     snapshot is never needed) and ends with the same weights."""
     import pyarrow.fs as pafs
 
-    src_root, src_fs = storage(one_worker_run)
-    params = _ray_params(one_worker_run, tmp_path, num_workers=1)
+    first, _ = one_worker_run
+    src_root, src_fs = storage(first)
+    params = _ray_params(first, tmp_path, num_workers=1)
     pafs.copy_files(src_root, params.ray.storage_path, source_filesystem=src_fs,
                     destination_filesystem=pafs.LocalFileSystem())
     run = Path(params.ray.storage_path) / run_name(params, 1, workers=1)
@@ -171,7 +186,7 @@ def test_a_corrupt_newest_checkpoint_is_skipped(one_worker_run, tmp_path, capsys
     err = capsys.readouterr().err
     assert f"warning: skipping checkpoint {final}" in err and "state.pt has" in err
     ours = load_file(params.train.phase_out(1) / "model.safetensors")
-    theirs = load_file(one_worker_run.train.phase_out(1) / "model.safetensors")
+    theirs = load_file(first.train.phase_out(1) / "model.safetensors")
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5)
     assert sorted(p.name for p in run.iterdir()) == ["attempt-002"]  # the older one pruned
@@ -216,6 +231,22 @@ def test_storage_paths(tmp_path, monkeypatch):
     assert storage(local)[0] == str(tmp_path / "ck") and storage(local)[1].type_name == "local"
     with pytest.raises(FusionError, match="gs://b"):
         storage(Params(ray=RayParams(storage_path="gs://b/x")))
+
+
+def test_a_shipped_s3_store_keeps_retrying_through_an_outage(s3):
+    """The store as Ray ships it to a worker (pickled) still retries: a write begun during
+    a 2-second 503 outage lands. (pyarrow's own pickling dropped the retry strategy: 3
+    attempts, failed in 0.3 s.)"""
+    import pickle
+
+    boto3.client("s3", endpoint_url=s3.url).create_bucket(Bucket="shipped")
+    _, fs = storage(Params(ray=RayParams(storage_path="s3://shipped/x",
+                                         storage_endpoint=s3.url)))
+    shipped = pickle.loads(pickle.dumps(fs))
+    s3.outage("/shipped/x/", seconds=2)
+    with shipped.open_output_stream("shipped/x/blob") as out:
+        out.write(b"checkpoint bytes")
+    assert s3.failed and shipped.open_input_stream("shipped/x/blob").read() == b"checkpoint bytes"
 
 
 def test_run_name_hashes_the_worker_count(tiny_run):
