@@ -28,3 +28,4 @@ bench: sync
 	$(UV) run python benchmarks/bench_model.py
 	$(UV) run python benchmarks/bench_tiling.py
 	$(UV) run python benchmarks/bench_ray.py
+	$(UV) run python benchmarks/bench_s3_outage.py

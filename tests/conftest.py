@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.s3_server import MotoS3
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # as fusion.engine.cluster does
 # `ray start` clusters use token authentication (Ray's default): one token per test process
@@ -128,53 +130,6 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
           "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-class MotoS3:
-    """A moto S3 server on loopback (real HTTP, so pyarrow, s3fs and DVC reach it) whose
-    requests can be failed for a while, as a struggling store answers: HTTP 503 SlowDown.
-    ``outage(key, seconds)`` arms it: the first request whose path holds ``key`` starts
-    the outage (so it overlaps that write for certain); ``failed`` lists what was refused."""
-
-    def __init__(self) -> None:
-        import threading
-
-        from moto.moto_server.werkzeug_app import (
-            DomainDispatcherApplication,
-            MotoRequestHandler,
-            create_backend_app,
-        )
-        from werkzeug.serving import make_server
-
-        self._app = DomainDispatcherApplication(create_backend_app)
-        self._armed: tuple[str, float] | None = None
-        self._until = 0.0
-        self.failed: list[str] = []
-        self._server = make_server("127.0.0.1", free_port(), self._serve, True,
-                                   request_handler=MotoRequestHandler)
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def outage(self, key: str, seconds: float) -> None:
-        self._armed, self.failed = (key, seconds), []
-
-    def _serve(self, environ: dict, start_response):
-        import time
-
-        request = f"{environ['REQUEST_METHOD']} {environ.get('PATH_INFO', '')}"
-        if self._armed and self._armed[0] in request:
-            self._until, self._armed = time.time() + self._armed[1], None
-        if time.time() < self._until:
-            self.failed.append(request)
-            start_response("503 Slow Down", [("Content-Type", "application/xml")])
-            return [b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
-                    b"<Message>Please reduce your request rate.</Message></Error>"]
-        return self._app(environ, start_response)
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._thread.join()
-
-
 @pytest.fixture(scope="session")
 def s3():
     """The test process's S3 server (`MotoS3`). Dummy credentials go into the environment
@@ -247,8 +202,7 @@ class RayNodes:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         # short paths: Ray's Unix sockets live under the temp dir (108-byte limit)
-        self.dirs = [Path(tempfile.mkdtemp(prefix=f"ray{role}-", dir="/tmp"))
-                     for role in ("h", "w")]
+        self.dirs = [Path(tempfile.mkdtemp(prefix="rayh-", dir="/tmp"))]
         self.procs: list[subprocess.Popen] = []
 
     def _node(self, temp: Path, *args: str) -> None:
@@ -275,13 +229,26 @@ class RayNodes:
                 self.procs[0], 180):
             self.stop()
             pytest.fail(f"ray head did not start: {self.log(0)}")
-        self._node(self.dirs[1], f"--address={self.address}")
         ray.init(address=self.address, logging_level="WARNING")
-        if not wait_until(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 2,
-                          self.procs[1], 180):
-            self.stop()
-            pytest.fail(f"ray worker node did not join: {self.log(1)}")
+        self.add_worker()
         return self
+
+    def add_worker(self) -> None:
+        """Start a worker node (a fresh temp dir: a new machine) and wait until it joins."""
+        import tempfile
+
+        import ray
+
+        self.dirs.append(Path(tempfile.mkdtemp(prefix="rayw-", dir="/tmp")))
+        self._node(self.dirs[-1], f"--address={self.address}")
+        if not wait_until(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 2,
+                          self.procs[-1], 180):
+            self.stop()
+            pytest.fail(f"ray worker node did not join: {self.log(-1)}")
+
+    def kill_worker(self) -> None:
+        """kill -9 the worker node: its raylet, object store and every worker on it."""
+        stop_group(self.procs[-1], 9)
 
     def log(self, node: int) -> str:
         return (self.dirs[node] / "ray-start.log").read_text()[-2000:]
