@@ -283,35 +283,25 @@ def test_a_killed_worker_node_is_replaced_and_the_run_resumes_from_s3(ray_cluste
     step-10 checkpoint is in S3, then start a replacement node, as an autoscaler would: the
     two-node run (STRICT_SPREAD) waits for it, resumes from the newest S3 checkpoint and
     finishes every step."""
-    import threading
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
-    boto3.client("s3", endpoint_url=s3.url).create_bucket(Bucket="nodekill")
+    client = boto3.client("s3", endpoint_url=s3.url)
+    client.create_bucket(Bucket="nodekill")
     params = _ray_params(tiny_run, tmp_path, num_workers=2, placement_strategy="STRICT_SPREAD",
                          storage_path="s3://nodekill/runs", storage_endpoint=s3.url)
     params = replace(params, train=replace(params.train, steps=[80, 30]))
-    client = boto3.client("s3", endpoint_url=s3.url)
     before = set(_workers())
-    outcome: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            train_ray(params, 1)
-            outcome.append(None)
-        except BaseException as exc:  # noqa: BLE001 (reported by the test below)
-            outcome.append(exc)
-
-    driver = threading.Thread(target=run)
-    driver.start()
-    deadline = time.time() + 300
-    while not any(o["Key"].endswith("/manifest.json") for o in client.list_objects_v2(
-            Bucket="nodekill", Prefix="runs/").get("Contents", [])):
-        assert driver.is_alive() and time.time() < deadline, "no checkpoint reached S3"
-        time.sleep(0.1)
-    ray_cluster.kill_worker()
-    ray_cluster.add_worker()
-    driver.join(timeout=600)
-    assert outcome == [None], outcome
+    with ThreadPoolExecutor(1) as pool:
+        driver = pool.submit(train_ray, params, 1)
+        deadline = time.time() + 300
+        while not any(o["Key"].endswith("/manifest.json") for o in client.list_objects_v2(
+                Bucket="nodekill", Prefix="runs/").get("Contents", [])):
+            assert not driver.done() and time.time() < deadline, "no checkpoint reached S3"
+            time.sleep(0.1)
+        ray_cluster.kill_worker()
+        ray_cluster.add_worker()
+        driver.result(timeout=600)
     config = json.loads((params.train.phase_out(1) / "config.json").read_text())
     assert config["steps"] == 80 and len(config["resumed_at"]) == 1
     assert config["resumed_at"][0] % 10 == 0 and 10 <= config["resumed_at"][0] < 80
