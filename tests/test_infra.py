@@ -105,6 +105,15 @@ def test_kuberay_cluster_and_job():
     assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
     _check_fusion_command(job["spec"]["entrypoint"])
     assert "train.data=s3://" in job["spec"]["entrypoint"]
+    # token authentication (Ray's default under `ray start`): the cluster's secret, and
+    # the same token in the job's submitter, as compose.yaml shares RAY_AUTH_TOKEN
+    auth = cluster["spec"]["authOptions"]
+    assert auth["mode"] == "token"
+    (submitter,) = job["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    env = {e["name"]: e for e in submitter["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": auth["secretName"], "key": "auth_token"}
 
 
 def test_prefect_deployments_name_real_flows_and_parameters():

@@ -310,3 +310,56 @@ def test_a_killed_worker_node_is_replaced_and_the_run_resumes_from_s3(ray_cluste
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(workers) == 4 and len(set(workers.values())) == 3  # head, killed, replacement
     assert len(set(workers.values()) & alive) == 2
+
+
+def test_training_data_outlives_a_minute_long_s3_stop(ray_cluster, tiny_run, s3, tmp_path):
+    """The patch shards live only in S3 (train.data = s3://). Once the run is past step
+    50, the S3 server stops for a minute; the second epoch's read (from step 115 on)
+    starts inside that minute. The readers wait and retry (pyarrow's retries inside Ray
+    Data's), the run completes without a restart, and no step is lost."""
+    import threading
+    import time
+
+    from fusion.data.shards import publish
+
+    boto3.client("s3", endpoint_url=s3.url).create_bucket(Bucket="drill")
+    publish(tiny_run.train.data, "s3://drill/prepared", s3.url)
+    params = _ray_params(tiny_run, tmp_path, num_workers=1, storage_endpoint=s3.url)
+    train = replace(params.train, data="s3://drill/prepared", steps=[130, 30], batch_size=8,
+                    checkpoint_every=25)
+    params = replace(params, train=train)
+    per_epoch = 922 // train.batch_size  # the sample's training patches, one worker
+    assert 50 < per_epoch < 130
+    failure: list[BaseException] = []
+
+    def driver() -> None:
+        try:
+            train_ray(params, 1)
+        except BaseException as exc:  # noqa: BLE001 (re-raised in the test thread)
+            failure.append(exc)
+
+    run = threading.Thread(target=driver)
+    run.start()
+    deadline = time.time() + 300
+    while not list(Path(params.ray.storage_path).glob("*/attempt-*/step-0000050/manifest.json")):
+        assert run.is_alive() and time.time() < deadline, failure or "no step-50 checkpoint"
+        time.sleep(0.05)
+    stopped = time.time()
+    s3.down(60)
+    back = time.time()
+    run.join(timeout=600)
+    assert not run.is_alive() and not failure, failure
+    config = json.loads((params.train.phase_out(1) / "config.json").read_text())
+    assert config["steps"] == 130 and config["resumed_at"] == []  # the readers waited
+    with (Path(params.train.curves) / "phase1_curve.csv").open() as fh:
+        times = {int(row["step"]): float(row["time"]) for row in csv.DictReader(fh)}
+    assert sorted(times) == list(range(5, 131, 5))  # every step trained, once
+    # the stall is at the epoch boundary: the second epoch's shard read waited for S3
+    gaps = {step: times[step] - times[step - 5] for step in times if step > 5}
+    stalled = max(gaps, key=gaps.get)
+    print(f"S3 stopped at {stopped - times[5]:.1f} s, back at {back - times[5]:.1f} s; "
+          f"stall of {gaps[stalled]:.1f} s after step {stalled - 5}")
+    assert stalled - 5 <= per_epoch < stalled and gaps[stalled] > 20, gaps
+    assert times[stalled - 5] < back < times[stalled], (stopped, back, times)
+    shard = [t for t, r in s3.requests if r.startswith("GET /drill/prepared/patches/train-")]
+    assert any(t > back for t in shard)  # read again once S3 was back
