@@ -85,8 +85,8 @@ def _train(args: argparse.Namespace, params: Params) -> int:
 
 def _publish(params: Params) -> None:
     """``train.data`` on S3 with the prepared dataset here (``data.out``): copy it there
-    first, so that workers on nodes without a copy read it (a cluster job without a local
-    copy reads what is already there)."""
+    first (training and search alike), so that workers on nodes without a copy read it (a
+    cluster job without a local copy reads what is already there)."""
     if not params.train.data.startswith("s3://"):
         return
     if not (Path(params.data.out) / "manifest.parquet").is_file():
@@ -257,6 +257,7 @@ def _search(args: argparse.Namespace, params: Params) -> int:
     from fusion.mlops.registry import resolve_start
     from fusion.mlops.search import run_search
 
+    _publish(params)
     write = "" if args.no_write else None
     result = run_search(params, trials=args.trials, study=args.study, address=args.address,
                         write_params=write, start=resolve_start(params))

@@ -287,8 +287,8 @@ def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None,
                           env={**os.environ, **(env or {})})
 
 
-def run_cmd(*cmd: str, cwd: Path) -> str:
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+def run_cmd(*cmd: str, cwd: Path, env: dict | None = None) -> str:
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, f"{cmd}: {done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -440,13 +440,12 @@ class PrefectServer:
             pytest.fail("prefect server did not start: "
                         f"{(self.home / 'server.log').read_text()[-2000:]}")
 
-    def worker(self, pool: str, cwd: Path) -> subprocess.Popen:
+    def worker(self, pool: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
         """A process worker polling ``pool`` (created if missing); flow runs inherit its
-        environment."""
+        environment (``env`` added)."""
         return self._spawn(f"worker-{pool}", "worker", "start", "--pool", pool, "--type",
-                           "process", "--name", f"{pool}-worker", env={**os.environ,
-                                                                       **self.client_env},
-                           cwd=cwd)
+                           "process", "--name", f"{pool}-worker",
+                           env={**os.environ, **self.client_env, **(env or {})}, cwd=cwd)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):

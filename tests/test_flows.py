@@ -1,8 +1,11 @@
-"""Prefect flows under Prefect's test harness: the retrain flow end to end (real dvc, Ray
-Train on the session cluster, SQLite MLflow), its skip, retry and bad-data behaviour, and
-the deployment definitions."""
+"""Prefect flows on a real Prefect server: the retrain flow end to end on the production
+stack (a Prefect worker, real dvc with an S3 remote, Ray Train on two `ray start` nodes
+reading from S3, an MLflow server and the Optuna study on PostgreSQL), its skip, retry and
+bad-data behaviour, and the deployment definitions."""
 
+import hashlib
 import json
+import os
 import shutil
 
 import boto3
@@ -27,6 +30,7 @@ from tests.conftest import (
     RAY_GROUP,
     REPO,
     S3_ENV,
+    MlflowServer,
     PrefectServer,
     clone_repo,
     free_port,
@@ -81,13 +85,33 @@ def _wait_for_run(run_id, done, timeout: float = 1400):
 
 
 @pytest.fixture(scope="module")
-def retrained(tmp_path_factory, prefect_api, postgres, ray_cluster, tiny_run):
-    """A fresh clone with a tiny config, retrained once as a scheduled retrain is: a
-    deployment on a process work pool, started through Prefect's API and run by a Prefect
-    worker. Warm-started from a trained model (phase 1 passed through, phase 2
-    fine-tuned), searching first (2 trials, each a Ray Train run, then the best weights
-    trained). Once phase 2 training has started, the Prefect server's PostgreSQL restarts
-    (down 5 s)."""
+def stack(postgres, s3, ray_cluster, tmp_path_factory):
+    """The production stack on loopback, as `infra/compose.yaml` wires it: one S3 bucket
+    `fusion` (moto) for the DVC remote, the training data, Ray checkpoints and MLflow
+    artifacts; an MLflow server on PostgreSQL; the Optuna study in PostgreSQL; the
+    two-node `ray start` cluster. ``env``: what a client of the stack sets (the service
+    addresses of infra/params.production.yaml's comment)."""
+    boto3.client("s3", endpoint_url=s3.url).create_bucket(Bucket="fusion")
+    home = tmp_path_factory.mktemp("mlflow")
+    mlflow = MlflowServer(home / "server.db", artifacts="s3://fusion/mlflow",
+                          env={"MLFLOW_S3_ENDPOINT_URL": s3.url},
+                          backend=postgres.database("mlflow"))
+    mlflow.start()
+    env = {"MLFLOW_TRACKING_URI": mlflow.uri, "AWS_ENDPOINT_URL": s3.url,
+           "OPTUNA_STORAGE": postgres.database("optuna"), "RAY_ADDRESS": ray_cluster.address}
+    yield env
+    mlflow.kill(15)
+
+
+@pytest.fixture(scope="module")
+def retrained(tmp_path_factory, prefect_api, postgres, stack, ray_cluster, tiny_run):
+    """A fresh clone with a tiny config, retrained once on the production stack (`stack`)
+    as a scheduled retrain is: a deployment on a process work pool with
+    infra/params.production.yaml as its params file, started through Prefect's API and run
+    by a Prefect worker whose environment names the services. Warm-started from a trained
+    model (phase 1 passed through, phase 2 fine-tuned), searching first (2 trials, each a
+    Ray Train run, then the best weights trained). Once phase 2 training has started,
+    PostgreSQL (Prefect's, MLflow's and Optuna's database) restarts (down 5 s)."""
     import time
 
     from prefect.client.schemas.actions import WorkPoolCreate
@@ -95,7 +119,13 @@ def retrained(tmp_path_factory, prefect_api, postgres, ray_cluster, tiny_run):
     from prefect.workers.process import ProcessWorker
 
     repo = clone_repo(tmp_path_factory.mktemp("retrain"))
-    tiny_pipeline(repo, ray_cluster.address, init=str(tiny_run.train.phase_out(2)))
+    tiny_pipeline(repo, "", init=str(tiny_run.train.phase_out(2)))
+    production = yaml.safe_load((REPO / "infra/params.production.yaml").read_text())
+    production["ray"].update(cpus_per_worker=1.0)  # two workers on the 2-CPU nodes
+    (repo / "stack.yaml").write_text(yaml.safe_dump(production, sort_keys=False))
+    run_cmd("dvc", "remote", "add", "-d", "-f", "stack", "s3://fusion/dvc", cwd=repo)
+    run_cmd("dvc", "remote", "modify", "stack", "endpointurl", stack["AWS_ENDPOINT_URL"],
+            cwd=repo)
     run_cmd("git", "add", "-A", cwd=repo)
     run_cmd("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone",
             cwd=repo)
@@ -105,8 +135,9 @@ def retrained(tmp_path_factory, prefect_api, postgres, ray_cluster, tiny_run):
             base_job_template=ProcessWorker.get_default_base_job_template()), overwrite=True)
     retrain.from_source(str(repo), "flows/retrain.py:retrain").to_deployment(
         name="tiny", work_pool_name="fusion-process",
-        parameters={"repo": str(repo), "search_first": True}).apply()
-    prefect_api.worker("fusion-process", cwd=repo.parent)
+        parameters={"repo": str(repo), "params_file": "stack.yaml",
+                    "search_first": True}).apply()
+    prefect_api.worker("fusion-process", cwd=repo.parent, env=stack)
     run = run_deployment("fusion-retrain/tiny", timeout=0)
     run = _wait_for_run(run.id, lambda r: "dvc repro train_phase2" in _task_runs(r))
     assert not run.state.is_final(), run.state  # the outage hits a running flow
@@ -116,15 +147,22 @@ def retrained(tmp_path_factory, prefect_api, postgres, ray_cluster, tiny_run):
     return repo, _wait_for_run(run.id, lambda r: False)
 
 
+def _keys(stack: dict, prefix: str) -> list[str]:
+    """Object keys under ``prefix`` in the stack's bucket."""
+    client = boto3.client("s3", endpoint_url=stack["AWS_ENDPOINT_URL"])
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket="fusion", Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
 @RAY_GROUP
-def test_retrain_flow_end_to_end_produces_a_champion_and_a_report(retrained):
+def test_retrain_flow_end_to_end_produces_a_champion_and_a_report(retrained, stack):
     """Run by a worker, through a PostgreSQL restart: completed, with every stage once."""
     repo, run = retrained
     assert run.state.is_completed(), run.state.message
     promotion = json.loads((repo / "reports/promotion.json").read_text())
     assert promotion["promoted"] and promotion["champion"] == "1"
     record = json.loads((repo / "reports/registered.json").read_text())
-    assert record["version"] == "1" and record["tracking_uri"] == f"sqlite:///{repo / 'mlflow.db'}"
+    assert record["version"] == "1" and record["tracking_uri"] == stack["MLFLOW_TRACKING_URI"]
     runs = _task_runs(run)
     for name in ("dvc pull --allow-missing", "dvc repro prepare", "dvc repro train_phase1",
                  "dvc repro train_phase2", "dvc repro evaluate", "dvc repro register",
@@ -137,15 +175,61 @@ def test_retrain_flow_end_to_end_produces_a_champion_and_a_report(retrained):
     assert "version 1 promoted to champion" in markdown
     assert "| tno | model |" in markdown and "| tno | mean |" in markdown
     # dvc.lock is the record: the pipeline is up to date and its outputs were pushed
-    assert "Data and pipelines are up to date" in run_cmd("dvc", "repro", cwd=repo)
+    env = {**os.environ, **stack}
+    assert "Data and pipelines are up to date" in run_cmd("dvc", "repro", cwd=repo, env=env)
     assert "tno" in run_cmd("dvc", "metrics", "show", cwd=repo)
     run_cmd("dvc", "plots", "show", "-o", str(repo.parent / "plots"), cwd=repo)
     assert (repo.parent / "plots" / "index.html").exists()
-    assert any((repo.parent / "fusion-dvc-store").rglob("*"))
-    # the git tree: the run's record (dvc.lock, and params.yaml with the search's best
-    # weights) is modified for the user to commit, nothing is staged or left untracked
+    # the git tree: the run's record (dvc.lock, and params.yaml with the stack's params
+    # and the search's best weights) is modified for the user to commit, nothing is
+    # staged or left untracked
     assert sorted(run_cmd("git", "status", "--porcelain", cwd=repo).splitlines()) == [
         " M dvc.lock", " M params.yaml"]
+
+
+@RAY_GROUP
+def test_the_production_stack_holds_every_output(retrained, stack):
+    """Every output is where the production stack keeps it: the champion in the
+    PostgreSQL-backed registry with its artifacts in S3, the DVC cache, the training data
+    and the Ray checkpoints in S3, the study in PostgreSQL; training ran on both Ray nodes
+    (two DDP workers, SPREAD) from the S3 copy of the data."""
+    import optuna
+    from ray.util.state import list_actors, list_jobs, list_tasks
+
+    repo, _ = retrained
+    client = MlflowClient(tracking_uri=stack["MLFLOW_TRACKING_URI"])
+    record = json.loads((repo / "reports/registered.json").read_text())
+    champion = client.get_model_version_by_alias(record["model_name"], "champion")
+    assert champion.version == "1"
+    artifacts = _keys(stack, "mlflow/")
+    assert any(k.endswith("/MLmodel") for k in artifacts), artifacts[:20]
+    assert any(k.endswith("model.safetensors") for k in artifacts), artifacts[:20]
+    assert _keys(stack, "dvc/files/md5/")
+    assert not (repo.parent / "fusion-dvc-store").exists()  # the S3 remote, not the local one
+    shards = _keys(stack, "prepared/patches/")
+    assert shards and all(k.split("/")[-1].startswith(("train-", "val-")) for k in shards)
+    manifest = boto3.client("s3", endpoint_url=stack["AWS_ENDPOINT_URL"]).get_object(
+        Bucket="fusion", Key="prepared/manifest.parquet")["Body"].read()
+    tags = client.get_run(record["run_id"]).data.tags  # the dataset the model came from
+    assert tags["manifest_sha256"] == hashlib.sha256(manifest).hexdigest()
+    assert any(k.endswith("/state.pt") for k in _keys(stack, "ray/"))
+    best = json.loads((repo / "reports/search/best.json").read_text())
+    study = optuna.load_study(study_name=best["study"], storage=stack["OPTUNA_STORAGE"])
+    assert len(study.trials) == 2 and best["storage"].startswith("postgresql://")
+    # the phase 2 run (its own Ray job, `fusion train --phase 2`): two DDP workers, one on
+    # each node, fed from the S3 copy (its export records the source it read)
+    (job,) = [j.job_id for j in list_jobs(detail=True)
+              if "train --phase 2" in (j.entrypoint or "")]
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", job)],
+                          limit=1000, detail=True)
+    assert len({w.node_id for w in workers}) == 2, workers
+    # Ray Data's S3 reads of that job finished (where they ran is Ray Data's choice: the
+    # blocks reach both workers through the object store)
+    reads = [t for t in list_tasks(filters=[("job_id", "=", job)], limit=10000, detail=True)
+             if t.name.startswith("ReadParquet")]
+    assert reads and all(t.state == "FINISHED" for t in reads), reads
+    config = json.loads((repo / "models/phase2/config.json").read_text())
+    assert config["data"] == "s3://fusion/prepared", config
 
 
 def _task_log(task_run) -> list[str]:
@@ -169,7 +253,7 @@ def test_training_log_shows_each_step_once_without_ray_noise(retrained):
 
 
 @RAY_GROUP
-def test_search_first_logs_trials_and_trains_the_best_weights(retrained):
+def test_search_first_logs_trials_and_trains_the_best_weights(retrained, stack):
     repo, _ = retrained
     best = json.loads((repo / "reports/search/best.json").read_text())
     assert (best["trials_before"], best["trials_run"], best["trials"]) == (0, 2, 2)
@@ -182,7 +266,7 @@ def test_search_first_logs_trials_and_trains_the_best_weights(retrained):
     assert lock["stages"]["train_phase2"]["params"]["params.yaml"][
         "model.dae-fuse.phase2"]["w_text"] == pytest.approx(best["best"]["phase2.w_text"])
     assert trained["phase"] == 2
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=stack["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("fusion")
     (parent,) = client.search_runs([experiment.experiment_id],
                                    "attributes.run_name = 'search-tiny'")
@@ -194,10 +278,12 @@ def test_search_first_logs_trials_and_trains_the_best_weights(retrained):
 
 
 @RAY_GROUP
-def test_retrain_flow_skips_training_when_nothing_changed(retrained):
+def test_retrain_flow_skips_training_when_nothing_changed(retrained, stack, monkeypatch):
     """Second run, searching first again: the study resumes (its 2 trials are there, none
     is rerun), the best weights are unchanged, so training is skipped."""
     repo, _ = retrained
+    for key, value in stack.items():  # this process is now the stack's client
+        monkeypatch.setenv(key, value)
     state = retrain(repo=str(repo), search_first=True, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()

@@ -249,6 +249,21 @@ def test_a_shipped_s3_store_keeps_retrying_through_an_outage(s3):
     assert s3.failed and shipped.open_input_stream("shipped/x/blob").read() == b"checkpoint bytes"
 
 
+def test_shipped_params_carry_the_s3_endpoint(monkeypatch, tmp_path):
+    """Workers and trials get the endpoint this process resolved: a node started without
+    $AWS_ENDPOINT_URL looked for the bucket on AWS (found by the production-stack test)."""
+    from fusion.engine.ray_runner import shipped
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.chdir(tmp_path)
+    base = Params(ray=RayParams(storage_path="s3://b/x"))
+    out = shipped(base)
+    assert out.ray.storage_endpoint == "http://127.0.0.1:9"
+    assert out.train.data == str(tmp_path / base.train.data)
+    explicit = Params(ray=RayParams(storage_endpoint="http://127.0.0.1:10"))
+    assert shipped(explicit).ray.storage_endpoint == "http://127.0.0.1:10"
+
+
 def test_run_name_hashes_the_worker_count(tiny_run):
     names = {run_name(tiny_run, 1), run_name(tiny_run, 1, workers=1),
              run_name(tiny_run, 1, workers=2), run_name(tiny_run, 2, workers=2)}

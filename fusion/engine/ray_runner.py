@@ -119,11 +119,16 @@ class RunStore:
 
 
 def shipped(params: Params) -> Params:
-    """Params for workers, which may run elsewhere (another cwd): a local dataset path made
-    absolute (an s3:// one is read by every node as it is)."""
-    t = params.train
+    """Params for workers, which may run elsewhere (another cwd, another environment): a
+    local dataset path made absolute (an s3:// one is read by every node as it is), and
+    the S3 endpoint this process resolves (``$AWS_ENDPOINT_URL`` when
+    ``ray.storage_endpoint`` is empty) written in: a node started without that variable
+    would otherwise look for the bucket on AWS."""
+    t, r = params.train, params.ray
     data = t.data if "://" in t.data else str(Path(t.data).resolve())
-    return replace(params, train=replace(t, data=data))
+    endpoint = r.storage_endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
+    return replace(params, train=replace(t, data=data),
+                   ray=replace(r, storage_endpoint=endpoint))
 
 
 def _worker(config: dict[str, Any]) -> None:

@@ -220,10 +220,12 @@ def export(params: Params, phase: int, weights: tuple[Any, Any], info: dict[str,
 
 
 def finish(params: Params, phase: int, state: dict[str, Any], name: str, start: Start) -> Path:
-    """Write the loss curve (for ``dvc plots``) and export the model of a final state."""
+    """Write the loss curve (for ``dvc plots``) and export the model of a final state, with
+    the training data it read (a folder or ``s3://``)."""
     write_curve(state["curve"], Path(params.train.curves) / f"phase{phase}_curve.csv")
     return export(params, phase, (state["model"], state.get("critic")),
-                  {"run": name, "steps": state["step"], "resumed_at": state["resumes"]}, start)
+                  {"run": name, "steps": state["step"], "resumed_at": state["resumes"],
+                   "data": params.train.data}, start)
 
 
 def pass_through(params: Params, phase: int, start: Start) -> Path | None:

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fusion.errors import FusionError
@@ -24,14 +25,21 @@ from fusion.params import Params
 FAILED = -1e9  # score of a diverged model (finite: Optuna and MLflow reject NaN)
 
 
-def held_out_pairs(params: Params) -> list[tuple[str, Path, Path]]:
-    """(id, a, b) of the manifest's ``val`` pairs as absolute paths (``search.val_pairs``)."""
-    manifest = Path(params.train.data) / "manifest.parquet"
-    if not manifest.exists():
+def held_out_pairs(params: Params) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(id, a, b) of the manifest's ``val`` pairs (``search.val_pairs``), read here as grey
+    arrays: the manifest is wherever ``train.data`` is (a folder or S3), the images are
+    under ``data.raw`` on this machine, and the trials that score them may run on nodes
+    that have neither."""
+    from fusion.engine.batches import source
+
+    src = source(params.train.data, params.ray.storage_endpoint)
+    manifest = f"{src.uri.rstrip('/')}/manifest.parquet"
+    data = src.read("manifest.parquet")
+    if data is None:
         raise FusionError(f"{manifest}: no prepared dataset (run `fusion prepare` first)")
     roots = {Path(r).name: Path(r).resolve().parent for r in params.data.raw}
     pairs = []
-    for row in pq.read_table(manifest).to_pylist():
+    for row in pq.read_table(pa.BufferReader(data)).to_pylist():
         if row["split"] != "val":
             continue
         base = roots.get(Path(row["a_path"]).parts[0])
@@ -42,15 +50,16 @@ def held_out_pairs(params: Params) -> list[tuple[str, Path, Path]]:
         raise FusionError(f"{manifest}: no held-out (split 'val') pairs to score a search "
                           "trial on; raise data.val_ratio")
     limit = params.search.val_pairs
-    return pairs[:limit] if limit else pairs
+    return [(pair, read_grey(a), read_grey(b)) for pair, a, b in
+            (pairs[:limit] if limit else pairs)]
 
 
 class ValidationScore:
     """Scores a model on fixed held-out pairs; the mean-fusion baseline is computed once."""
 
-    def __init__(self, pairs: list[tuple[str, Path, Path]], params: Params) -> None:
+    def __init__(self, pairs: list[tuple[str, np.ndarray, np.ndarray]], params: Params) -> None:
         self.params = params
-        self.sources = [(read_grey(a), read_grey(b)) for _, a, b in pairs]
+        self.sources = [(a, b) for _, a, b in pairs]
         self.baseline = self._means([baselines(a, b)["mean"] for a, b in self.sources])
 
     def _means(self, fused: list[np.ndarray]) -> dict[str, float]:

@@ -282,16 +282,17 @@ def _log_and_register(params: Params, digest: str, fp: str, key: str) -> str:
     import mlflow
     from mlflow import MlflowClient
 
+    from fusion.engine.runs import manifest_digest
     from fusion.evaluation.evaluate import EVALUATED, SUMMARY
     from fusion.mlops.registry import ONNX, WEIGHTS, log_pyfunc
 
-    t, ev = params.train, params.evaluate
+    ev = params.evaluate
     config = json.loads((Path(ev.model) / "config.json").read_text())
     experiment = _experiment(params)
     parent = pipeline_run(params, fp)
     client = MlflowClient()
     tags = {"git_commit": git_commit(), "dvc_lock_sha256": _sha_or_missing(Path("dvc.lock")),
-            "manifest_sha256": _sha_or_missing(Path(t.data) / "manifest.parquet"),
+            "manifest_sha256": manifest_digest(params),  # a folder's or S3's
             "model_sha256": digest, FINGERPRINT: fp, REGISTRATION: key,
             "family": params.model.family, LINEAGE: config.get("lineage", "") or "scratch"}
     try:
