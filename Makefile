@@ -29,3 +29,4 @@ bench: sync
 	$(UV) run python benchmarks/bench_tiling.py
 	$(UV) run python benchmarks/bench_ray.py
 	$(UV) run python benchmarks/bench_s3_outage.py
+	$(UV) run python benchmarks/bench_ingest.py
