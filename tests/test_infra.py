@@ -137,6 +137,28 @@ def test_prefect_deployments_name_real_flows_and_parameters():
     assert "--pool fusion-process" in compose
 
 
+def test_kubernetes_flow_pods_carry_the_ray_token_and_the_s3_secret():
+    """The fusion-k8s pool's base job template: every placeholder is a declared variable,
+    and the flow container takes the RayCluster's token secret and the S3 secret (its pods
+    are Ray and S3 clients; a deployment's `env` cannot reference secrets)."""
+    import json
+
+    path = INFRA / "prefect/k8s-base-job-template.json"
+    assert path.name in (INFRA / "prefect/prefect.yaml").read_text()
+    template = json.loads(path.read_text())
+    used = set(re.findall(r"\{\{ *(\w+) *\}\}", json.dumps(template["job_configuration"])))
+    assert used <= set(template["variables"]["properties"])
+    (container,) = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"][
+        "containers"]
+    env = {e["name"]: e for e in container["env"]}
+    (cluster,) = _yaml_docs(INFRA / "k8s/raycluster.yaml")
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": cluster["spec"]["authOptions"]["secretName"], "key": "auth_token"}
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert container["envFrom"] == head["envFrom"]  # the same S3 secret as the Ray pods
+
+
 @pytest.mark.parametrize("path", sorted(p.relative_to(INFRA).as_posix()
                                         for p in INFRA.rglob("*.yaml")))
 def test_every_yaml_file_parses(path):
