@@ -15,7 +15,10 @@ feed the GPU profile (flows/profiles/gpu.yaml) needs on one GPU.
   divided by assumed sustained throughputs (--gpu-tflops; default 10, 30 and 100, i.e.
   1-10% of an H100's dense bf16 peak of about 990: small conv/attention nets on 128x128
   patches at batch 16 sit at the low end; kernel launch latency is ignored, so each is an
-  upper bound of the step rate, the hardest feed), against what one consumer ingests.
+  upper bound of the step rate, the hardest feed), plus a launch floor: the aten operator
+  calls of one step (a TorchDispatchMode count) times --us-per-op (default 10 us: eager
+  dispatch plus kernel launch, which bounds small nets on fast GPUs), against what one
+  consumer ingests.
 
 Usage: python benchmarks/bench_ingest.py [--epochs 3] [--gpu-tflops 100] [--set k=v ...]"""
 
@@ -83,16 +86,26 @@ def train_rate(params: Params, data: str, steps: int = 12) -> float:
     return params.train.batch_size * (len(times) - 3) / (times[-1] - times[2])
 
 
-def step_flops(params: Params, data: str, batch: int) -> float:
-    """FLOPs of one phase-1 training step (generator and critic) at ``batch``."""
+def step_cost(params: Params, data: str, batch: int) -> tuple[float, int]:
+    """(FLOPs, aten operator calls) of one phase-1 training step (generator, critic and
+    their optimizers) at ``batch``; on a GPU each call is at least one kernel launch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
+
+    class Calls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Calls.count += 1
+            return func(*args, **(kwargs or {}))
 
     params = replace(params, train=replace(params.train, batch_size=batch))
     a, b = PatchStream(data, "train", batch, 0).batch(0)
     trainer = Trainer(params, 1)
-    with FlopCounterMode(display=False) as counter:
+    trainer.train_step(a, b)  # first step: optimizer state is created
+    with FlopCounterMode(display=False) as counter, Calls():
         trainer.train_step(a, b)
-    return float(counter.get_total_flops())
+    return float(counter.get_total_flops()), Calls.count
 
 
 def main() -> None:
@@ -100,6 +113,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--gpu-tflops", type=float, nargs="+", default=[10.0, 30.0, 100.0])
+    parser.add_argument("--us-per-op", type=float, default=10.0)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -136,7 +150,7 @@ def main() -> None:
         training = train_rate(params, data.out)
         profile = yaml.safe_load((ROOT / "flows/profiles/gpu.yaml").read_text())
         gpu_batch = int(profile["train"]["batch_size"])
-        flops = step_flops(params, data.out, gpu_batch)
+        flops, calls = step_cost(params, data.out, gpu_batch)
     finally:
         moto.terminate()
         moto.wait()
@@ -152,10 +166,15 @@ def main() -> None:
           f"patches/s\nGPU profile: {flops / 1e9:.1f} GFLOPs per phase-1 step at batch "
           f"{gpu_batch} (FlopCounterMode: convolutions and matmuls, forward + backward)\n")
     feed = rows[0][2]  # one consumer: a training worker's own feed
-    print("| assumed sustained TFLOP/s | steps/s | patches/s to feed | one consumer's feed |")
+    launch = calls * args.us_per_op * 1e-6
+    print(f"{calls} operator calls per step: at {args.us_per_op:g} us each (eager dispatch and "
+          f"kernel launch) a step takes at least {launch * 1e3:.1f} ms, at most "
+          f"{1 / launch:.0f} steps/s\n")
+    print("| assumed sustained TFLOP/s | steps/s (FLOPs, launches) | patches/s to feed | "
+          "one consumer's feed |")
     print("|---:|---:|---:|---|")
     for tflops in args.gpu_tflops:
-        steps = tflops * 1e12 / flops
+        steps = 1 / (flops / (tflops * 1e12) + launch)
         verdict = "keeps up" if feed >= steps * gpu_batch else "input-bound"
         print(f"| {tflops:g} | {steps:.0f} | {steps * gpu_batch:.0f} | {feed:.0f}/s: {verdict} |")
 
