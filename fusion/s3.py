@@ -29,11 +29,16 @@ class RetryingS3FileSystem(pafs.S3FileSystem):
         return partial(RetryingS3FileSystem, **self._options), ()
 
 
+def s3_endpoint(endpoint: str = "") -> str:
+    """The S3 endpoint in effect: ``endpoint``, else ``$AWS_ENDPOINT_URL`` ("": AWS)."""
+    return endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
+
+
 def s3_filesystem(endpoint: str = "") -> RetryingS3FileSystem:
     """S3 at ``endpoint`` (else ``$AWS_ENDPOINT_URL``) for S3-compatible stores; requests
     time out and are retried with backoff, so a short outage of the store delays a read or
     a checkpoint instead of failing it."""
-    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
+    endpoint = s3_endpoint(endpoint)
     options: dict[str, Any] = {"connect_timeout": 10, "request_timeout": 30}
     if endpoint:
         options["endpoint_override"] = endpoint

@@ -124,11 +124,12 @@ def shipped(params: Params) -> Params:
     the S3 endpoint this process resolves (``$AWS_ENDPOINT_URL`` when
     ``ray.storage_endpoint`` is empty) written in: a node started without that variable
     would otherwise look for the bucket on AWS."""
+    from fusion.s3 import s3_endpoint
+
     t, r = params.train, params.ray
     data = t.data if "://" in t.data else str(Path(t.data).resolve())
-    endpoint = r.storage_endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
     return replace(params, train=replace(t, data=data),
-                   ray=replace(r, storage_endpoint=endpoint))
+                   ray=replace(r, storage_endpoint=s3_endpoint(r.storage_endpoint)))
 
 
 def _worker(config: dict[str, Any]) -> None:
