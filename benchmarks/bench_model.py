@@ -1,5 +1,6 @@
 """Every family at its default (CPU) and paper sizes: parameters, GFLOPs per 640x480 pair,
-seconds and peak memory per 768x576 pair (torch, and onnxruntime for the defaults), and
+seconds and peak memory per 768x576 pair (TNO 01, through the engines `fusion fuse` runs:
+torch, and onnxruntime for the defaults, with the largest difference between the two), and
 training patches/s per phase (128x128, batch 8).
 
 Each measurement runs in its own process (peak RSS is that setup's alone).
@@ -15,7 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
+TNO = ROOT.parent / "shared" / "data" / "tno"
 
 
 
@@ -53,27 +57,25 @@ def measure(family: str, profile: str, threads: int, repeat: int, onnx: bool,
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.fuse(torch.rand(1, 1, 480, 640), torch.rand(1, 1, 480, 640))
     out["gflops_640x480"] = counter.get_total_flops() / 1e9
-    a, b = torch.rand(1, 1, 576, 768), torch.rand(1, 1, 576, 768)
-    model = model.to(memory_format=torch.channels_last)
-    a, b = (x.contiguous(memory_format=torch.channels_last) for x in (a, b))
-    with torch.inference_mode():
-        out["torch_s_768x576"] = best_of(lambda: model.fuse(a, b), repeat)
+    from PIL import Image
+
+    from fusion.inference.fuse import TorchEngine
+
+    a, b = (np.asarray(Image.open(TNO / side / "01.png").convert("L"), np.float32) / 255
+            for side in ("ir", "vi"))
+    engine = TorchEngine(model, fam)
+    out["torch_s_768x576"] = best_of(lambda: engine(a, b), repeat)
     out["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if onnx:
         import tempfile
 
-        import onnxruntime as ort
-
-        from fusion.inference.onnx import export_onnx
+        from fusion.inference.onnx import OnnxEngine, export_onnx
 
         with tempfile.TemporaryDirectory() as tmp:
-            path = export_onnx(create_model(family, net).eval(), fam, Path(tmp) / "m.onnx")
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            session = ort.InferenceSession(str(path), options,
-                                           providers=["CPUExecutionProvider"])
-            feed = {"a": a.contiguous().numpy(), "b": b.contiguous().numpy()}
-            out["onnx_s_768x576"] = best_of(lambda: session.run(None, feed), repeat)
+            path = export_onnx(model, fam, Path(tmp) / "m.onnx")
+            onnx_engine = OnnxEngine.open(path, None, threads)
+            out["onnx_s_768x576"] = best_of(lambda: onnx_engine(a, b), repeat)
+            out["onnx_max_diff"] = float(np.abs(onnx_engine(a, b) - engine(a, b)).max())
     if train:
         from fusion.engine.trainer import Trainer
 
@@ -112,7 +114,7 @@ def main() -> None:
                                   check=True)
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     keys = ["params_M", "gflops_640x480", "torch_s_768x576", "onnx_s_768x576",
-            "peak_rss_MiB", "train1_patches_s", "train2_patches_s"]
+            "onnx_max_diff", "peak_rss_MiB", "train1_patches_s", "train2_patches_s"]
     print(f"torch threads: {args.threads}\n")
     print("| family | size | " + " | ".join(keys) + " |")
     print("|---|---|" + "---:|" * len(keys))

@@ -1,6 +1,7 @@
 """Every registered family: any size, grey and colour, exact tiles, and each loss term on
 hand-made tensors whose value is known."""
 
+import copy
 import math
 
 import numpy as np
@@ -76,6 +77,51 @@ def test_tiles_give_the_whole_image_result(engines, family, size):
     assert tiled.shape == a.shape
     assert (whole - tiled).abs().max().item() < 1e-5
     assert (whole - no_halo).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_inference_form_fuses_as_the_trained_network(family):
+    """fold_norms (each norm's affine moved into the convolutions it feeds) is what the
+    engines and the ONNX export run: same output, and no norm keeps its affine."""
+    from fusion.models.layers import LayerNorm2d, fold_norms
+
+    torch.manual_seed(1)
+    model = create_model(family, **TINY_NETS[family]).eval()
+    for norm in (m for m in model.modules() if isinstance(m, LayerNorm2d)):
+        with torch.no_grad():  # away from the initial 1 and 0, so that folding matters
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    folded = fold_norms(copy.deepcopy(model))
+    assert all(m.weight is None for m in folded.modules() if isinstance(m, LayerNorm2d))
+    a, b = torch.rand(1, 1, 70, 90), torch.rand(1, 1, 70, 90)
+    with torch.no_grad():
+        assert (model.fuse(a, b) - folded.fuse(a, b)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("scale", [1, 2, 3])
+def test_shuffled_conv_is_a_conv_after_the_pixel_shuffle(scale):
+    from fusion.models.layers import shuffled_conv
+
+    torch.manual_seed(2)
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+    x = torch.randn(2, 3 * scale ** 2, 11, 7)
+    with torch.no_grad():
+        direct = conv(torch.nn.functional.pixel_shuffle(x, scale))
+        assert (shuffled_conv(conv, x, scale) - direct).abs().max().item() < 1e-5
+
+
+def test_channel_layer_norm_is_layer_norm_over_channels():
+    from fusion.models.layers import LayerNorm2d
+
+    torch.manual_seed(3)
+    norm = LayerNorm2d(6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+        x = torch.randn(2, 6, 5, 4) * 3 + 1
+        per_pixel = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (6,), norm.weight,
+                                                   norm.bias, norm.eps).permute(0, 3, 1, 2)
+        assert (norm(x) - per_pixel).abs().max().item() < 1e-5
 
 
 def test_tile_cores_partition_the_padded_image():

@@ -23,6 +23,9 @@ from tests.conftest import REPO
 PARAMS = load_params(REPO / "params.yaml")
 BUNDLED = PARAMS.family.pretrained_path()
 DARK = 10  # /255: where both sources are darker, the fused pixel must be too
+GOLDEN = Path(__file__).parent / "data" / "tno01_fused.npz"
+CROPS = {"top_left": (slice(0, 64), slice(0, 96)), "centre": (slice(256, 320), slice(336, 432)),
+         "bottom_right": (slice(512, 576), slice(672, 768))}
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +60,19 @@ def test_the_bundled_checkpoint_clears_the_floor_on_every_sample_set(engine, tmp
     ours = {name: methods["model"] for name, methods in summary.items()}
     means = {name: methods["mean"] for name, methods in summary.items()}
     assert floor(ours, means, PARAMS.promote) is None, summary
+
+
+def test_the_speed_rewrites_keep_the_outputs(engine, shared_data):
+    """TNO 01 fused by the bundled checkpoint stays within 1e-4 (issue 16's bound) of what
+    the inference path gave before the speed rewrites of its graph (commit 4044b89): three
+    crops of the float output, two of them at corners where padding matters."""
+    golden = np.load(GOLDEN)
+    assert str(golden["digest"]) == weights_digest(BUNDLED), \
+        f"the bundled checkpoint changed: {GOLDEN.name} pins the old one's output"
+    fused = engine(*(read_grey(shared_data / "tno" / side / "01.png") / 255.0
+                     for side in ("ir", "vi")))
+    for name, crop in CROPS.items():
+        assert np.abs(fused[crop] - golden[name]).max() < 1e-4, name
 
 
 def _pairs(root: Path, a: str, b: str):

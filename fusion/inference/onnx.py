@@ -25,6 +25,8 @@ def export_onnx(model: Any, family: Any, path: Path, opset: int = 18) -> Path:
     import onnx
     import torch
 
+    from fusion.models.layers import fold_norms
+
     class Whole(torch.nn.Module):
         def __init__(self, net: torch.nn.Module) -> None:
             super().__init__()
@@ -41,7 +43,7 @@ def export_onnx(model: Any, family: Any, path: Path, opset: int = 18) -> Path:
     try:
         # a private copy in the default memory format: the torch engine may have made the
         # caller's model channels-last, whose strides the exporter cannot reshape
-        net = copy.deepcopy(model).eval().to(memory_format=torch.contiguous_format)
+        net = fold_norms(copy.deepcopy(model).eval().to(memory_format=torch.contiguous_format))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's notes on constant shapes
             # the TorchScript exporter: under a second per family here, where the dynamo

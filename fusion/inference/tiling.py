@@ -30,12 +30,11 @@ from fusion.models.layers import (
     GLOBAL_ATTENTION,
     ChannelAttention,
     TokenBlock,
+    cosine,
     pad_to,
     sincos_positions,
 )
 from fusion.progress import progress
-
-EPS = 1e-12  # as F.normalize
 
 
 class _Collected(Exception):
@@ -97,8 +96,7 @@ class _Statistics:
     @staticmethod
     def _channel_final(sums: list[torch.Tensor]) -> torch.Tensor:
         gram, q2, k2 = sums
-        norms = q2.sqrt().clamp_min(EPS)[..., :, None] * k2.sqrt().clamp_min(EPS)[..., None, :]
-        return (gram / norms).float()
+        return cosine(gram, q2.sqrt(), k2.sqrt()).float()
 
     # -- ViT ----------------------------------------------------------------------------
     def positions(self, dim: int, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:

@@ -45,7 +45,13 @@ class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of each pixel of an (N, C, H, W) map (as Restormer)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        # reductions over dim 1, not permute + layer_norm: in onnxruntime the two transposes
+        # and a layer norm over 24 values per pixel cost more than these passes
+        centred = x - x.mean(1, keepdim=True)
+        x = centred * torch.rsqrt((centred * centred).mean(1, keepdim=True) + self.eps)
+        if self.weight is None:  # folded into the next convolutions (fold_norms)
+            return x
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
 
 
 def sincos_positions(grid: tuple[int, int], dim: int, dtype: torch.dtype = torch.float32,
@@ -201,6 +207,28 @@ def icnr_(conv: nn.Conv2d, scale: int) -> None:
             conv.bias.copy_(conv.bias[::groups].repeat_interleave(groups))
 
 
+def cosine(gram: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities from a Gram matrix and the row norms (each at least 1e-12, as
+    F.normalize): normalising the C x C scores instead of the C x HW maps saves two
+    full-size passes, and exact tiling sums the same three quantities over tiles."""
+    return gram / (q_norm.clamp_min(1e-12)[..., :, None] * k_norm.clamp_min(1e-12)[..., None, :])
+
+
+def halves(channels: int) -> tuple[slice, slice]:
+    return slice(0, channels // 2), slice(channels // 2, channels)
+
+
+def part_conv(conv: nn.Conv2d, x: torch.Tensor, part: slice) -> torch.Tensor:
+    """``conv(x)[:, part]``, computing only those output channels; a depthwise conv takes
+    only the part's input channels. Equal to slicing the output, but the exported graph
+    then has two convolutions instead of a convolution and a Split, which onnxruntime
+    copies in memory (measured: about 20% of a Restormer block)."""
+    depthwise = conv.groups == conv.in_channels and conv.groups > 1
+    bias = None if conv.bias is None else conv.bias[part]
+    return F.conv2d(x, conv.weight[part], bias, conv.stride, conv.padding, conv.dilation,
+                    part.stop - part.start if depthwise else 1)
+
+
 class ChannelAttention(nn.Module):
     """Restormer's multi-Dconv head transposed attention; queries may come from another input.
 
@@ -221,14 +249,20 @@ class ChannelAttention(nn.Module):
         self.kv = nn.Sequential(nn.Conv2d(dim, 2 * dim, 1, bias=bias), spatial(2 * dim))
         self.proj = nn.Conv2d(dim, dim, 1, bias=bias)
 
+    def _keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kv[1].groups == 1:  # dense: the spatial conv mixes the k and v channels
+            return self.kv(x).chunk(2, 1)
+        return tuple(part_conv(self.kv[1], part_conv(self.kv[0], x, part), part)
+                     for part in halves(self.kv[0].out_channels))
+
     def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x_q.shape
         q = self.q(x_q).reshape(n, self.heads, c // self.heads, h, w)
-        k, v = self.kv(x_kv).reshape(n, 2, self.heads, c // self.heads, h, w).unbind(1)
+        k, v = (t.reshape(n, self.heads, c // self.heads, h, w) for t in self._keys_values(x_kv))
         tiles = GLOBAL_ATTENTION.get()
         if tiles is None:
-            qn, kn = F.normalize(q.flatten(3), dim=-1), F.normalize(k.flatten(3), dim=-1)
-            scores = qn @ kn.transpose(-2, -1)
+            qf, kf = q.flatten(3), k.flatten(3)
+            scores = cosine(qf @ kf.transpose(-2, -1), qf.norm(dim=-1), kf.norm(dim=-1))
         else:
             scores = tiles.channel_scores(self, q, k)
         attn = (scores * self.temperature).softmax(dim=-1)
@@ -249,7 +283,11 @@ class GatedFeedForward(nn.Module):
         self.out = nn.Conv2d(hidden, dim, 1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.dw(self.inp(x)).chunk(2, dim=1)
+        if self.dw.groups == self.dw.in_channels:
+            a, b = (part_conv(self.dw, part_conv(self.inp, x, part), part)
+                    for part in halves(self.inp.out_channels))
+        else:  # grouped: a group may straddle the two halves
+            a, b = self.dw(self.inp(x)).chunk(2, dim=1)
         return self.out(F.gelu(a) * b)
 
 
@@ -266,10 +304,59 @@ class RestormerBlock(nn.Module):
         self.norm_ffn = LayerNorm2d(dim) if ffn_factor > 0 else None
         self.ffn = GatedFeedForward(dim, ffn_factor, ffn_groups, bias) if ffn_factor > 0 else None
 
+    def fold_norms(self) -> None:
+        """See ``fold_norms``: each norm's affine into the 1x1 convolutions it feeds."""
+        feeds = [(self.norm_q, [self.attn.q[0]] + ([self.attn.kv[0]] if self.norm_kv is None
+                                                   else [])),
+                 (self.norm_kv, [self.attn.kv[0]]),
+                 (self.norm_ffn, [self.ffn.inp] if self.ffn is not None else [])]
+        with torch.no_grad():
+            for norm, convs in feeds:
+                if norm is None or norm.weight is None:
+                    continue
+                for conv in convs:
+                    assert conv.kernel_size == (1, 1)  # a wider zero-padded conv would not fold
+                    w = conv.weight
+                    shift = w[:, :, 0, 0] @ norm.bias
+                    conv.bias = nn.Parameter(shift if conv.bias is None else conv.bias + shift)
+                    conv.weight = nn.Parameter(w * norm.weight[None, :, None, None])
+                norm.weight = norm.bias = None
+
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         q = self.norm_q(x)
         x = x + self.attn(q, q if self.norm_kv is None else self.norm_kv(other))
         return x if self.ffn is None else x + self.ffn(self.norm_ffn(x))
+
+
+def fold_norms(model: nn.Module) -> nn.Module:
+    """The inference form of ``model``, in place: every LayerNorm2d's scale and shift moved
+    into the 1x1 convolutions it feeds (W' = W diag(g), b' = b + W beta), which saves two
+    full-size passes per norm. Outputs are equal up to float rounding; not for training."""
+    for block in model.modules():
+        if isinstance(block, RestormerBlock):
+            block.fold_norms()
+    return model
+
+
+def shuffled_conv(conv: nn.Conv2d, x: torch.Tensor, scale: int) -> torch.Tensor:
+    """``conv(F.pixel_shuffle(x, scale))`` for a 3x3 stride-1 ``conv`` with zero padding 1,
+    computed before the shuffle: each full-resolution output phase is a 3x3 conv of the
+    low-resolution map, so the full-resolution map of many channels is never made (it cost
+    a third of the decoder's tail in onnxruntime). Exact up to float rounding."""
+    if scale == 1:
+        return conv(x)
+    r = torch.arange(scale, device=x.device)[:, None] + torch.arange(3, device=x.device) - 1
+    phase, tap = torch.meshgrid(torch.arange(scale, device=x.device),
+                                torch.arange(3, device=x.device), indexing="ij")
+    # place[d, p, o, t] = 1: tap t of output phase d reads input phase p at offset o - 1
+    place = torch.zeros(scale, scale, 3, 3, dtype=conv.weight.dtype, device=x.device)
+    place[phase, torch.remainder(r, scale), torch.div(r, scale, rounding_mode="floor") + 1,
+          tap] = 1
+    o, c = conv.weight.shape[:2]
+    weight = torch.einsum("ocyx,dpYy,eqXx->odecpqYX", conv.weight, place, place).reshape(
+        o * scale ** 2, c * scale ** 2, 3, 3)
+    bias = None if conv.bias is None else conv.bias.repeat_interleave(scale ** 2)
+    return F.pixel_shuffle(F.conv2d(x, weight, bias, padding=1), scale)
 
 
 def pad_to(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:

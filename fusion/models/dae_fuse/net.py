@@ -25,6 +25,7 @@ from fusion.models.layers import (
     icnr_,
     low_pass,
     pad_to,
+    shuffled_conv,
     sincos_positions,
 )
 
@@ -53,8 +54,8 @@ class LowFrequencyEncoder(nn.Module):
         for block in self.blocks:
             t = block(t) if tiles is None else tiles.token_block(block, t, (gh, gw))
         grid = self.norm(t).transpose(1, 2).reshape(n, d, gh, gw)
-        return self.out(F.interpolate(grid, size=x.shape[-2:], mode="bilinear",
-                                      align_corners=False))
+        return F.interpolate(self.out(grid), size=x.shape[-2:], mode="bilinear",
+                             align_corners=False)
 
 
 class DAEFuse(nn.Module):
@@ -104,14 +105,15 @@ class DAEFuse(nn.Module):
         return self.dhe(s), self.dle(s)
 
     def _decoded(self, phi: torch.Tensor) -> torch.Tensor:
-        """The decoder's full-resolution feature map (before the output conv)."""
+        """The decoder's feature map before the output conv, still pixel-unshuffled."""
         x = self.dec_reduce(phi)
         for block in self.dec:
             x = block(x)
-        return F.gelu(F.pixel_shuffle(self.dec_out(x), self.params.stem_stride))
+        return F.gelu(self.dec_out(x))
 
     def decode(self, phi: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.dec_full(self._decoded(phi)))
+        return torch.sigmoid(shuffled_conv(self.dec_full, self._decoded(phi),
+                                           self.params.stem_stride))
 
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Phase I: (reconstruction, high-freq features, low-freq features)."""
@@ -129,7 +131,8 @@ class DAEFuse(nn.Module):
                                             self.cross_b(phi_b, phi_a)], 1))
         if self.fuse_head is None:
             return self.decode(fused)[..., :h, :w]
-        correction = torch.tanh(self.fuse_head(self._decoded(fused)))
+        correction = torch.tanh(shuffled_conv(self.fuse_head, self._decoded(fused),
+                                              self.params.stem_stride))
         ceiling = (1 + self.params.halo_limit) * torch.maximum(ap, bp)
         fused = torch.minimum(self.prior(ap, bp) + correction, ceiling)
         return fused.clamp(0, 1)[..., :h, :w]
