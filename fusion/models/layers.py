@@ -46,9 +46,11 @@ class LayerNorm2d(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # reductions over dim 1, not permute + layer_norm: in onnxruntime the two transposes
-        # and a layer norm over 24 values per pixel cost more than these passes
+        # and a layer norm over 24 values per pixel cost more than these passes; the norm
+        # (one ReduceL2) gives the variance without a squared copy of the map
         centred = x - x.mean(1, keepdim=True)
-        x = centred * torch.rsqrt((centred * centred).mean(1, keepdim=True) + self.eps)
+        std = (centred.norm(dim=1, keepdim=True).square() / x.shape[1] + self.eps).sqrt()
+        x = centred / std
         if self.weight is None:  # folded into the next convolutions (fold_norms)
             return x
         return x * self.weight[:, None, None] + self.bias[:, None, None]
@@ -266,7 +268,14 @@ class ChannelAttention(nn.Module):
         else:
             scores = tiles.channel_scores(self, q, k)
         attn = (scores * self.temperature).softmax(dim=-1)
-        return self.proj((attn @ v.flatten(3)).reshape(n, c, h, w))
+        # proj(attn v) as one C x C matrix applied to v: (W_proj blockdiag(attn)) v, a single
+        # full-size product where attention then projection took two
+        w_proj = self.proj.weight.reshape(c, self.heads, c // self.heads)
+        mix = torch.einsum("ohi,nhij->nohj", w_proj, attn).reshape(n, c, c)
+        out = mix @ v.reshape(n, c, h * w)
+        if self.proj.bias is not None:
+            out = out + self.proj.bias[:, None]
+        return out.reshape(n, c, h, w)
 
 
 class GatedFeedForward(nn.Module):

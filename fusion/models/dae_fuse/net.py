@@ -140,7 +140,8 @@ class DAEFuse(nn.Module):
     def prior(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """max(low-pass a, low-pass b) + detail a + detail b: the brighter source sets the
         base (thermal targets, CT bone), both sources add their texture."""
-        la, lb = (low_pass(x, self.params.prior_sigma) for x in (a, b))
+        # one two-channel blur: onnxruntime pads a one-channel map to 8 channels per conv
+        la, lb = low_pass(torch.cat([a, b], 1), self.params.prior_sigma).chunk(2, 1)
         return torch.maximum(la, lb) + (a - la) + (b - lb)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, phase: int = 2) -> dict:
