@@ -235,8 +235,15 @@ def test_onnx_export_matches_torch_on_a_real_pair(tiny_runs, tmp_path, shared_da
         outs[engine] = np.asarray(Image.open(out), dtype=np.float64)
     assert np.abs(outs["torch"] - outs["onnxruntime"]).max() <= 1  # 8-bit rounding
     ours = TorchEngine(load_model(model), get_family("dae-fuse"))(a, b)
-    theirs = OnnxEngine.open(onnx, tiny_runs["dae-fuse"])(a, b)
+    engine = OnnxEngine.open(onnx, tiny_runs["dae-fuse"])
+    theirs = engine(a, b)
     assert np.abs(ours - theirs).max() < 1e-4
+    # the size met again runs on a session with it fixed: the same output; another size
+    # goes back to the dynamic one
+    assert not engine.fixed
+    assert np.abs(engine(a, b) - theirs).max() < 1e-6 and list(engine.fixed) == [(608, 800)]
+    assert engine(a[:100, :120], b[:100, :120]).shape == (100, 120)
+    assert list(engine.fixed) == [(608, 800)]
 
 
 def test_explain_writes_the_contribution_map(tiny_runs, pair, tmp_path):
