@@ -15,8 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 TNO = ROOT.parent / "shared" / "data" / "tno"
 
@@ -56,12 +54,10 @@ def measure(family: str, profile: str, threads: int, repeat: int, onnx: bool,
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.fuse(torch.rand(1, 1, 480, 640), torch.rand(1, 1, 480, 640))
     out["gflops_640x480"] = counter.get_total_flops() / 1e9
-    from PIL import Image
-
+    from fusion.evaluation.scoring import read_grey
     from fusion.inference.fuse import TorchEngine
 
-    a, b = (np.asarray(Image.open(TNO / side / "01.png").convert("L"), np.float32) / 255
-            for side in ("ir", "vi"))
+    a, b = (read_grey(TNO / side / "01.png") / 255.0 for side in ("ir", "vi"))
     engine = TorchEngine(model, fam)
     out["torch_s_768x576"] = best_of(lambda: engine(a, b), repeat)
     out["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -260,7 +260,8 @@ class ChannelAttention(nn.Module):
     def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x_q.shape
         q = self.q(x_q).reshape(n, self.heads, c // self.heads, h, w)
-        k, v = (t.reshape(n, self.heads, c // self.heads, h, w) for t in self._keys_values(x_kv))
+        k, v = self._keys_values(x_kv)
+        k = k.reshape(n, self.heads, c // self.heads, h, w)
         tiles = GLOBAL_ATTENTION.get()
         if tiles is None:
             qf, kf = q.flatten(3), k.flatten(3)
@@ -272,7 +273,7 @@ class ChannelAttention(nn.Module):
         # full-size product where attention then projection took two
         w_proj = self.proj.weight.reshape(c, self.heads, c // self.heads)
         mix = torch.einsum("ohi,nhij->nohj", w_proj, attn).reshape(n, c, c)
-        out = mix @ v.reshape(n, c, h * w)
+        out = mix @ v.flatten(2)
         if self.proj.bias is not None:
             out = out + self.proj.bias[:, None]
         return out.reshape(n, c, h, w)
@@ -354,9 +355,9 @@ def shuffled_conv(conv: nn.Conv2d, x: torch.Tensor, scale: int) -> torch.Tensor:
     a third of the decoder's tail in onnxruntime). Exact up to float rounding."""
     if scale == 1:
         return conv(x)
-    r = torch.arange(scale, device=x.device)[:, None] + torch.arange(3, device=x.device) - 1
     phase, tap = torch.meshgrid(torch.arange(scale, device=x.device),
                                 torch.arange(3, device=x.device), indexing="ij")
+    r = phase + tap - 1  # the full-resolution offset each tap reads
     # place[d, p, o, t] = 1: tap t of output phase d reads input phase p at offset o - 1
     place = torch.zeros(scale, scale, 3, 3, dtype=conv.weight.dtype, device=x.device)
     place[phase, torch.remainder(r, scale), torch.div(r, scale, rounding_mode="floor") + 1,
