@@ -1,5 +1,7 @@
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +190,109 @@ def test_unwritable_output_is_exit_2_and_keeps_the_previous_dataset(tmp_path):
     assert "blocker: cannot write" in run.stderr and "Traceback" not in run.stderr
     assert run.stderr.count("\n") == 1
     assert blocker.read_text() == "a file where a folder should be"
+
+
+def _ids(out: Path) -> list[str]:
+    return [r["id"] for r in pq.read_table(out / "manifest.parquet").to_pylist()]
+
+
+def _raw(root: Path, *names: str) -> Path:
+    for i, name in enumerate(names):
+        save(root / "ir" / f"{name}.png", textured(40, 48, 2 * i + 1))
+        save(root / "vi" / f"{name}.png", textured(40, 48, 2 * i + 2))
+    return root
+
+
+def test_a_folder_prepare_did_not_make_is_never_replaced(tmp_path):
+    """`--out` naming a folder of the user's: exit 2, one line, not a byte touched."""
+    raw = _raw(tmp_path / "raw", "p")
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("four years of work")
+    run = _cli("prepare", "--raw", str(raw), "--out", str(mine), "--exclude",
+               "--set", "data.patch_size=16", "--summary", str(tmp_path / "s.json"))
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+    assert f"{mine}: holds thesis.txt, not a folder fusion prepare made" in run.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.txt"]
+    assert (mine / "thesis.txt").read_text() == "four years of work"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".thesis.tmp")]
+    # a dataset prepare made is replaced; once somebody adds a file to it, it is not
+    out = tmp_path / "out"
+    assert _cli("prepare", "--raw", str(raw), "--out", str(out), "--exclude",
+                "--set", "data.patch_size=16").returncode == 0
+    assert _cli("prepare", "--raw", str(raw), "--out", str(out), "--exclude",
+                "--set", "data.patch_size=16").returncode == 0
+    (out / "notes.md").write_text("mine")
+    run = _cli("prepare", "--raw", str(raw), "--out", str(out), "--exclude",
+               "--set", "data.patch_size=16")
+    assert run.returncode == 2 and "holds notes.md" in run.stderr
+    assert (out / "notes.md").read_text() == "mine" and _ids(out) == ["raw/p"]
+
+
+@pytest.mark.parametrize("point", ["swap:built", "swap:exchanged"])
+def test_a_kill_at_each_step_of_the_swap_leaves_a_whole_dataset(tmp_path, point):
+    """kill -9 (the chaos point exits hard) before and after the atomic exchange: the
+    output is the old dataset or the new one, and the next run clears what was left."""
+    out = tmp_path / "out"
+    args = ("--out", str(out), "--exclude", "--set", "data.patch_size=16")
+    assert _cli("prepare", "--raw", str(_raw(tmp_path / "one", "p")), *args).returncode == 0
+    two = _raw(tmp_path / "two", "p", "q")
+    crashed = subprocess.run([sys.executable, "-m", "fusion.cli", "prepare", "--raw", str(two),
+                              *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "FUSION_CHAOS": point})
+    assert crashed.returncode == 70, crashed.stderr
+    assert _ids(out) == (["one/p"] if point == "swap:built" else ["two/p", "two/q"])
+    assert [p.name for p in tmp_path.glob(".out.tmp-*")]  # what the kill left
+    rerun = _cli("prepare", "--raw", str(two), *args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "left by an interrupted run" in rerun.stderr
+    assert _ids(out) == ["two/p", "two/q"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_a_killed_build_and_a_half_done_fallback_swap_are_repaired(tmp_path, shared_data):
+    """kill -9 in the middle of a real build leaves a temporary folder; the next run
+    removes it. Where the file system has no atomic exchange, the swap moves the old
+    dataset aside first: a run killed there is put back by the next run, even one that
+    fails."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "fusion.cli", "prepare", "--raw",
+                             str(shared_data / "roadscene"), "--out", str(out), "--exclude",
+                             "--summary", str(tmp_path / "s.json")], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.tmp-*/patches")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    assert list(tmp_path.glob(".out.tmp-*")) and not out.exists()
+    raw = _raw(tmp_path / "raw", "p")
+    args = ("--raw", str(raw), "--out", str(out), "--exclude", "--set", "data.patch_size=16")
+    assert _cli("prepare", *args).returncode == 0
+    assert not list(tmp_path.glob(".out.tmp-*")) and _ids(out) == ["raw/p"]
+    out.rename(tmp_path / ".out.old")  # the moment between the fallback's two renames
+    save(raw / "ir" / "lone.png", textured(40, 48, 9))
+    failed = _cli("prepare", *args, "--set", "data.strict=true")
+    assert failed.returncode == 2 and "restoring" in failed.stderr
+    assert _ids(out) == ["raw/p"] and not (tmp_path / ".out.old").exists()
+
+
+def test_concurrent_writers_take_turns(tmp_path):
+    """Two prepares of different data into one folder at once: both finish, and the
+    folder holds one whole dataset, never a mix."""
+    out = tmp_path / "out"
+    runs = [subprocess.Popen([sys.executable, "-m", "fusion.cli", "prepare", "--raw",
+                              str(_raw(tmp_path / name, *stems)), "--out", str(out),
+                              "--exclude", "--set", "data.patch_size=16", "--summary",
+                              str(tmp_path / f"{name}.json")], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for name, stems in (("one", ("p",)), ("two", ("p", "q")))]
+    for proc in runs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    assert _ids(out) in (["one/p"], ["two/p", "two/q"])
+    shards = pq.read_table(out / "patches" / "train-00000.parquet").column("pair_id")
+    assert {s.split("/")[0] for s in shards.to_pylist()} == {_ids(out)[0].split("/")[0]}
+    assert not list(tmp_path.glob(".out.tmp-*"))

@@ -201,3 +201,29 @@ def test_warm_start_from_a_folder_fine_tunes_and_keeps_its_lineage(tiny_run, tmp
     moved = [k for k, v in load_weights(phase2)[0].items()
              if not torch.equal(v, load_weights(folder)[0][k])]
     assert moved  # phase 2 trained from the warm start
+
+
+def test_no_stage_replaces_a_folder_it_did_not_make(tiny_run, tmp_path):
+    """Exports, checkpoints, bundles and evaluations refuse a folder holding somebody's
+    file (exit 2, naming it) and leave it as it was; their own folders they replace."""
+    from fusion.data.prepare import PREPARED
+    from fusion.engine.checkpoint import CHECKPOINT, EXPORT, export_model
+    from fusion.evaluation.evaluate import EVALUATION
+    from fusion.files import replacing
+    from fusion.mlops.bundle import BUNDLE
+
+    for output in (PREPARED, CHECKPOINT, EXPORT, BUNDLE, EVALUATION):
+        mine = tmp_path / output.marker
+        mine.mkdir()
+        (mine / "thesis.txt").write_text("mine")
+        with (pytest.raises(FusionError, match=f"holds thesis.txt, not a folder {output.stage}"),
+              replacing(mine, output)):
+            pytest.fail("the build must not start")
+        assert [p.name for p in mine.iterdir()] == ["thesis.txt"]
+    model = load_model(tiny_run.train.phase_out(2))
+    net = tiny_run.config.net
+    with pytest.raises(FusionError, match="holds thesis.txt"):
+        export_model(tmp_path / "config.json", "dae-fuse", net, model, None, {})
+    export_model(tmp_path / "fresh", "dae-fuse", net, model, None, {})
+    export_model(tmp_path / "fresh", "dae-fuse", net, model, None, {"phase": 2})
+    assert json.loads((tmp_path / "fresh" / "config.json").read_text())["phase"] == 2

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from fusion.data.images import luma, max_value, read_image, size_mismatch
 from fusion.data.pairs import Pair, Reject, discover, read_names
 from fusion.data.shards import ShardWriter, write_table
 from fusion.errors import BadInputError, FusionError
-from fusion.files import fresh_tmp, replace_dir, sha256_file, writable, write_text
+from fusion.files import Output, replacing, sha256_file, write_text
 from fusion.params import DataParams
 from fusion.progress import progress
 
@@ -49,6 +48,9 @@ MANIFEST_SCHEMA = pa.schema([
 REJECTS_SCHEMA = pa.schema([("path", pa.string()), ("pair_id", pa.string()),
                             ("reason", pa.string())])
 TRAINING_SPLITS = ("train", "val")
+MANIFEST = "manifest.parquet"
+PREPARED = Output("fusion prepare", MANIFEST,
+                  frozenset({MANIFEST, "rejects.parquet", "patches"}))
 
 
 @dataclass
@@ -145,49 +147,43 @@ def prepare(params: DataParams, raw: list[str] | None = None, out: str | None = 
     pairs.sort(key=lambda p: p.id)
     seen: set[str] = set()
 
-    tmp = fresh_tmp(out_dir)
-    (tmp / "patches").mkdir()
-    max_bytes = int(params.shard_max_mb * 2**20)
-    writers = {s: ShardWriter(tmp / "patches", s, params.patch_size, max_bytes)
-               for s in TRAINING_SPLITS}
-    rows: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
-    try:
-        with writable(out_dir):
-            for pair in progress(pairs, "prepare", unit="pair"):
-                if pair.id in seen:
-                    result.rejects.append(Reject(str(pair.root.name / pair.a),
-                                                 "duplicate pair id (two raw roots with one name?)",
-                                                 pair.id))
-                    continue
-                seen.add(pair.id)
-                try:
-                    a, b, info = _load_pair(pair, params.max_pixels)
-                except BadInputError as exc:
-                    rel = exc.path.relative_to(pair.root.parent)
-                    result.rejects.append(Reject(str(rel), exc.reason, pair.id))
-                    continue
-                stem = pair.id.rsplit("/", 1)[-1].split("@")[0]
-                split = ("test" if {pair.id, stem} & excluded
-                         else split_of(pair.id, params.val_ratio))
-                n = cut_patches(pair.id, a, b, params, writers[split]) if split != "test" else 0
-                record = {"id": pair.id, "a_path": str(pair.root.name / pair.a),
-                          "b_path": str(pair.root.name / pair.b),
-                          "a_sha256": sha256_file(pair.root / pair.a),
-                          "b_sha256": sha256_file(pair.root / pair.b),
-                          **info, "a_modality": pair.a_modality, "b_modality": pair.b_modality,
-                          "split": split, "patches": n}
-                for key, value in record.items():
-                    rows[key].append(value)
-                result.splits[split] += 1
-                result.patches[split] += n
-            for writer in writers.values():
-                writer.flush()
-                result.shards += len(writer.paths)
-            _finish(result, rows, tmp, params)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, out_dir)
+    with replacing(out_dir, PREPARED) as tmp:
+        (tmp / "patches").mkdir()
+        max_bytes = int(params.shard_max_mb * 2**20)
+        writers = {s: ShardWriter(tmp / "patches", s, params.patch_size, max_bytes)
+                   for s in TRAINING_SPLITS}
+        rows: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
+        for pair in progress(pairs, "prepare", unit="pair"):
+            if pair.id in seen:
+                result.rejects.append(Reject(str(pair.root.name / pair.a),
+                                             "duplicate pair id (two raw roots with one name?)",
+                                             pair.id))
+                continue
+            seen.add(pair.id)
+            try:
+                a, b, info = _load_pair(pair, params.max_pixels)
+            except BadInputError as exc:
+                rel = exc.path.relative_to(pair.root.parent)
+                result.rejects.append(Reject(str(rel), exc.reason, pair.id))
+                continue
+            stem = pair.id.rsplit("/", 1)[-1].split("@")[0]
+            split = ("test" if {pair.id, stem} & excluded
+                     else split_of(pair.id, params.val_ratio))
+            n = cut_patches(pair.id, a, b, params, writers[split]) if split != "test" else 0
+            record = {"id": pair.id, "a_path": str(pair.root.name / pair.a),
+                      "b_path": str(pair.root.name / pair.b),
+                      "a_sha256": sha256_file(pair.root / pair.a),
+                      "b_sha256": sha256_file(pair.root / pair.b),
+                      **info, "a_modality": pair.a_modality, "b_modality": pair.b_modality,
+                      "split": split, "patches": n}
+            for key, value in record.items():
+                rows[key].append(value)
+            result.splits[split] += 1
+            result.patches[split] += n
+        for writer in writers.values():
+            writer.flush()
+            result.shards += len(writer.paths)
+        _finish(result, rows, tmp, params)
     return result
 
 
@@ -200,7 +196,7 @@ def _finish(result: PrepareResult, rows: dict, tmp: Path, params: DataParams) ->
     if params.strict and result.rejects:
         reasons = "; ".join(f"{r.path}: {r.reason}" for r in result.rejects[:5])
         raise FusionError(f"prepare (strict): {len(result.rejects)} input(s) rejected: {reasons}")
-    write_table(pa.table(rows, schema=MANIFEST_SCHEMA), tmp / "manifest.parquet")
+    write_table(pa.table(rows, schema=MANIFEST_SCHEMA), tmp / MANIFEST)
     rejects = {"path": [r.path for r in result.rejects],
                "pair_id": [r.pair_id for r in result.rejects],
                "reason": [r.reason for r in result.rejects]}

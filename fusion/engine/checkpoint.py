@@ -15,13 +15,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fusion.errors import FusionError
-from fusion.files import fresh_tmp, replace_dir, sha256_file, writable
+from fusion.files import Output, replacing, sha256_file
 from fusion.models.registry import get_family
 
 if TYPE_CHECKING:  # torch is imported where weights are touched: reading a config stays fast
@@ -33,6 +32,8 @@ FORMAT = "fusion-model/2"
 STATE_FILE = "state.pt"
 MANIFEST = "manifest.json"
 MODEL_FILE, CRITIC_FILE, CONFIG_FILE = "model.safetensors", "critic.safetensors", "config.json"
+CHECKPOINT = Output("a training run", MANIFEST, frozenset({STATE_FILE, MANIFEST}))
+EXPORT = Output("fusion train", CONFIG_FILE, frozenset({MODEL_FILE, CRITIC_FILE, CONFIG_FILE}))
 
 
 def save_state(state: dict[str, Any], dest: str | Path) -> Path:
@@ -40,17 +41,12 @@ def save_state(state: dict[str, Any], dest: str | Path) -> Path:
     import torch
 
     dest = Path(dest)
-    tmp = fresh_tmp(dest)
-    try:
-        with writable(dest):
-            torch.save(state, tmp / STATE_FILE)
-            manifest = {"step": state["step"], "phase": state["phase"],
-                        "bytes": (tmp / STATE_FILE).stat().st_size,
-                        "sha256": sha256_file(tmp / STATE_FILE)}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_dir(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with replacing(dest, CHECKPOINT) as tmp:
+        torch.save(state, tmp / STATE_FILE)
+        manifest = {"step": state["step"], "phase": state["phase"],
+                    "bytes": (tmp / STATE_FILE).stat().st_size,
+                    "sha256": sha256_file(tmp / STATE_FILE)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return dest
 
 
@@ -99,19 +95,14 @@ def export_model(dest: str | Path, family: str, net: Any, model: nn.Module,
     from safetensors.torch import save_file
 
     dest = Path(dest)
-    tmp = fresh_tmp(dest)
-    try:
-        with writable(dest):
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                      tmp / MODEL_FILE)
-            if critic is not None:
-                save_file({k: v.contiguous() for k, v in critic.state_dict().items()},
-                          tmp / CRITIC_FILE)
-            config = {"format": FORMAT, "family": family, "net": asdict(net), **info}
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        replace_dir(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with replacing(dest, EXPORT) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  tmp / MODEL_FILE)
+        if critic is not None:
+            save_file({k: v.contiguous() for k, v in critic.state_dict().items()},
+                      tmp / CRITIC_FILE)
+        config = {"format": FORMAT, "family": family, "net": asdict(net), **info}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return dest
 
 

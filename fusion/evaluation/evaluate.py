@@ -30,7 +30,7 @@ from fusion.errors import FusionError
 from fusion.evaluation import EIGHT
 from fusion.evaluation.gain import means
 from fusion.evaluation.scoring import format_table, read_grey, score_arrays
-from fusion.files import write_text
+from fusion.files import Output, replacing, write_text
 from fusion.inference.fuse import Engine, fuse_files
 from fusion.params import BenchmarkSet, Params
 from fusion.progress import progress
@@ -38,6 +38,9 @@ from fusion.progress import progress
 BASELINES = ("mean", "max")
 EVALUATED = "evaluated.json"  # which model (weights hash) the reports describe
 SUMMARY = "summary.json"
+REPORT, PER_IMAGE, FUSED = "report.md", "per_image.parquet", "fused"
+EVALUATION = Output("fusion evaluate", EVALUATED,
+                    frozenset({EVALUATED, SUMMARY, REPORT, PER_IMAGE, FUSED}))
 
 
 @dataclass(frozen=True)
@@ -131,23 +134,24 @@ def evaluate(params: Params, candidates: list[Candidate], digest: str
 
     ev = params.evaluate
     out = Path(ev.out)
-    summary, records, grids = score_sets(candidates, ev.sets, params, out / "fused")
-    out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(records), out / "per_image.parquet")
-    write_text(out / SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    metrics_dir = Path(ev.summary)
-    for name, methods in summary.items():
-        for method in ("model", *BASELINES):
-            suffix = "" if method == "model" else f"-{method}"
-            row = {k: round(methods[method][k], 4) for k in EIGHT}
-            write_text(metrics_dir / f"{name}{suffix}.json",
-                       json.dumps({**row, "pairs": methods[method]["pairs"]}, indent=2) + "\n")
-        _grid(grids[name], Path(ev.grids) / f"{name}.png")
-    labels = [c.label for c in candidates]
-    write_text(out / "report.md", report(summary, labels, out, Path(ev.grids)))
-    write_text(out / EVALUATED, json.dumps({"model": ev.model, "model_sha256": digest,
-                                            "sets": [b.name for b in ev.sets],
-                                            "compared": labels[1:]}, indent=2) + "\n")
+    with replacing(out, EVALUATION) as tmp:
+        summary, records, grids = score_sets(candidates, ev.sets, params, tmp / FUSED)
+        pq.write_table(pa.Table.from_pylist(records), tmp / PER_IMAGE)
+        write_text(tmp / SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        metrics_dir = Path(ev.summary)
+        for name, methods in summary.items():
+            for method in ("model", *BASELINES):
+                suffix = "" if method == "model" else f"-{method}"
+                row = {k: round(methods[method][k], 4) for k in EIGHT}
+                write_text(metrics_dir / f"{name}{suffix}.json",
+                           json.dumps({**row, "pairs": methods[method]["pairs"]}, indent=2)
+                           + "\n")
+            _grid(grids[name], Path(ev.grids) / f"{name}.png")
+        labels = [c.label for c in candidates]
+        write_text(tmp / REPORT, report(summary, labels, out, Path(ev.grids)))
+        write_text(tmp / EVALUATED, json.dumps({"model": ev.model, "model_sha256": digest,
+                                                "sets": [b.name for b in ev.sets],
+                                                "compared": labels[1:]}, indent=2) + "\n")
     return summary
 
 

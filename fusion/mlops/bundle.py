@@ -15,11 +15,13 @@ import yaml
 
 from fusion.engine.checkpoint import CONFIG_FILE, MODEL_FILE, read_config
 from fusion.errors import FusionError
-from fusion.files import fresh_tmp, replace_dir, sha256_file, writable
+from fusion.files import Output, replacing, sha256_file
 from fusion.mlops.tracking import check_evaluated, git_commit
 from fusion.params import Params
 
 PROVENANCE = "PROVENANCE.md"
+BUNDLE = Output("fusion bundle", PROVENANCE, frozenset({MODEL_FILE, CONFIG_FILE, "params.yaml",
+                                                       "metrics.json", PROVENANCE}))
 
 
 def bundle(params: Params, out: Path | None = None) -> Path:
@@ -41,17 +43,12 @@ def bundle(params: Params, out: Path | None = None) -> Path:
             "model": {"family": params.model.family,
                       params.model.family: dataclasses.asdict(params.config)},
             "train": dataclasses.asdict(params.train)}
-    tmp = fresh_tmp(dest)
-    try:
-        with writable(dest):
-            for name in (MODEL_FILE, CONFIG_FILE):
-                shutil.copy2(model / name, tmp / name)
-            (tmp / "params.yaml").write_text(yaml.safe_dump(used, sort_keys=False))
-            (tmp / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-            (tmp / PROVENANCE).write_text(_provenance(params, config, digest))
-        replace_dir(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with replacing(dest, BUNDLE) as tmp:
+        for name in (MODEL_FILE, CONFIG_FILE):
+            shutil.copy2(model / name, tmp / name)
+        (tmp / "params.yaml").write_text(yaml.safe_dump(used, sort_keys=False))
+        (tmp / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / PROVENANCE).write_text(_provenance(params, config, digest))
     return dest
 
 
