@@ -39,8 +39,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from fusion.data.prepare import prepare  # noqa: E402
-from fusion.data.shards import publish  # noqa: E402
-from fusion.engine.batches import PatchStream, ShardBatches, source  # noqa: E402
+from fusion.data.prepared import publish, source  # noqa: E402
+from fusion.engine.batches import PatchStream, ShardBatches  # noqa: E402
 from fusion.engine.cluster import connect, read_patches  # noqa: E402
 from fusion.engine.trainer import Trainer  # noqa: E402
 from fusion.params import Params, load_params  # noqa: E402

@@ -39,14 +39,15 @@ def measure(family: str, profile: str, threads: int, repeat: int, onnx: bool,
     from torch.utils.flop_counter import FlopCounterMode
 
     sys.path.insert(0, str(ROOT))
+    from fusion.family import profile_update
     from fusion.models import create_model, get_family
-    from fusion.params import Params, family_profile, typed
+    from fusion.params import Params, typed
 
     torch.set_num_threads(threads)
     fam = get_family(family)
     net = fam.config().net
     if profile != "default":
-        raw = family_profile(family, profile)["model"][family]["net"]
+        raw = profile_update(family, profile)["model"][family]["net"]
         net = typed(type(net), {**net.__dict__, **raw}, "net")
     model = create_model(family, net).eval()
     out = {"family": family, "profile": profile,

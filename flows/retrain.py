@@ -22,11 +22,13 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+import fusion.models  # noqa: F401  (registers the families: params types their sections)
 from flows.search import search
 from flows.tasks import dvc, flow_parser, fusion, has_remote, shared_ray, stage_env
 from fusion.errors import FusionError
-from fusion.evaluation import EIGHT as METRICS
-from fusion.params import family_profile, load_params, update_params_file
+from fusion.family import profile_update
+from fusion.metric_names import EIGHT as METRICS
+from fusion.params import load_params, update_params_file
 
 PROFILES = Path(__file__).with_name("profiles")
 TRAINING = ("train_phase1", "train_phase2", "evaluate", "register")
@@ -49,7 +51,7 @@ def apply_params(repo: Path, params_file: str, profile: str) -> list[str]:
             family = merged.get("model", {}).get("family") or load_params(
                 repo / "params.yaml").model.family
             try:
-                _merge(merged, family_profile(family, source.stem))
+                _merge(merged, profile_update(family, source.stem))
             except FusionError as exc:
                 known = sorted(p.stem for p in PROFILES.glob("*.yaml"))
                 raise FusionError(f"profile {source.stem!r}: not in {PROFILES.name}/ "

@@ -18,6 +18,7 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+import fusion.models  # noqa: F401  (registers the families: params types their sections)
 from flows.tasks import dvc, flow_parser, fusion, shared_ray, stage_env
 from fusion.params import load_params
 

@@ -26,6 +26,7 @@ from prefect import get_run_logger, task
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 
+import fusion.models  # noqa: F401  (registers the families: params types their sections)
 from fusion.errors import EXIT_BAD_INPUT
 
 RETRIES = 2

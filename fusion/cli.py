@@ -9,22 +9,20 @@ Heavy libraries (torch, Ray, MLflow) are imported only once the inputs have been
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import fusion.models  # noqa: F401  (registers the families: params types their sections)
 from fusion import __version__
 from fusion.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, BadInputError, FusionError, TransientError
-from fusion.params import BenchmarkSet, Params, load_params
+from fusion.files import write_text
+from fusion.params import Params, load_params
 from fusion.progress import QUIET_ENV
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE",
-                        help="override one parameter, like `dvc exp run -S` (repeatable)")
 
 
 def _prepare(args: argparse.Namespace, params: Params) -> int:
@@ -57,10 +55,18 @@ def _score(args: argparse.Namespace, params: Params) -> int:
     return 1 if report.errors else 0
 
 
+def _publish(params: Params) -> None:
+    from fusion.data.prepared import publish_prepared
+
+    done = publish_prepared(params.data.out, params.train.data, params.ray.storage_endpoint)
+    if done:
+        print(done)
+
+
 def _train(args: argparse.Namespace, params: Params) -> int:
-    from fusion.engine.runs import fingerprint, run_name
-    from fusion.mlops.registry import resolve_start
-    from fusion.mlops.tracking import phase_sink
+    from fusion.engine.fingerprints import fingerprint, run_name
+    from fusion.mlops.model_refs import resolve_start
+    from fusion.mlops.pipeline_runs import phase_sink
 
     params.family.phase(args.phase)
     _publish(params)
@@ -71,7 +77,7 @@ def _train(args: argparse.Namespace, params: Params) -> int:
         name = run_name(params, args.phase, start, workers)
         sink = phase_sink(params, args.phase, name, fingerprint(params))
     if args.local:
-        from fusion.engine.runs import train_local
+        from fusion.engine.local_runner import train_local
 
         out = train_local(params, args.phase, start, fresh=args.fresh, sink=sink)
     else:
@@ -83,29 +89,9 @@ def _train(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
-def _publish(params: Params) -> None:
-    """``train.data`` on S3 with the prepared dataset here (``data.out``): copy it there
-    first (training and search alike), so that workers on nodes without a copy read it (a
-    cluster job without a local copy reads what is already there)."""
-    if not params.train.data.startswith("s3://"):
-        return
-    if not (Path(params.data.out) / "manifest.parquet").is_file():
-        return
-    from fusion.data.shards import publish
-
-    copied = publish(params.data.out, params.train.data, params.ray.storage_endpoint)
-    print(f"train.data: {copied} files of {params.data.out} copied to {params.train.data}"
-          if copied else f"train.data: {params.train.data} already holds {params.data.out}")
-
-
-def _fuse_target(a: Path, out: Path) -> Path:
-    """An existing folder as ``-o`` for one pair: write ``<stem of A>.png`` into it."""
-    return out / f"{a.stem}.png" if out.is_dir() else out
-
-
 def _fuse(args: argparse.Namespace, params: Params) -> int:
     from fusion.data.images import output_format, probe_image
-    from fusion.inference.fuse import plan
+    from fusion.inference.fuse import TileSpec, plan
 
     a, b, out = Path(args.a), Path(args.b), Path(args.output)
     for side in (a, b):
@@ -115,12 +101,15 @@ def _fuse(args: argparse.Namespace, params: Params) -> int:
         raise FusionError("--a and --b must both be files or both be folders")
     single = not a.is_dir()
     if single:  # everything that can be checked is checked before the model loads
-        out = _fuse_target(a, out)
+        out = out / f"{a.stem}.png" if out.is_dir() else out
         spec = plan(probe_image(a, params.data.max_pixels), probe_image(b, params.data.max_pixels))
         output_format(out, spec.bits, spec.colour)
         if args.explain:
             output_format(Path(args.explain), 8, False)
-    engine = _engine(args, params)
+    from fusion.mlops.model_refs import open_engine
+
+    engine = open_engine(params, args.model, args.engine, args.device or "",
+                         TileSpec(args.tile, args.halo), args.threads)
     if args.explain and not engine.explains:
         raise FusionError(f"--explain: {args.model} has no contribution map (families that "
                           "have one: see `fusion fuse --help`)")
@@ -141,61 +130,23 @@ def _fuse(args: argparse.Namespace, params: Params) -> int:
     return 1 if errors else 0
 
 
-def _engine(args: argparse.Namespace, params: Params):
-    """The model of ``--model`` as an inference engine (torch, or an ONNX file); a model
-    folder's config is checked before torch is imported."""
-    if args.engine == "onnxruntime":
-        from fusion.inference.onnx import OnnxEngine
-
-        return OnnxEngine.open(args.model, params, threads=args.threads)
-    from fusion.engine.checkpoint import read_config
-    from fusion.inference.fuse import TileSpec, TorchEngine
-    from fusion.mlops.registry import alias_uri, is_uri, load_ref
-
-    if not is_uri(alias_uri(params, args.model)):
-        read_config(args.model)
-    device = args.device or params.train.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    family, model = load_ref(params, args.model, device)
-    return TorchEngine(model, family, TileSpec(args.tile, args.halo), device)
-
-
-def _sets(args: argparse.Namespace, params: Params) -> Params:
-    """``--sets name=A_DIR:B_DIR[:NAMES_FILE]`` (repeatable) replaces evaluate.sets."""
-    from dataclasses import replace
-
-    if not args.sets:
-        return params
-    sets = []
-    for item in args.sets:
-        name, sep, dirs = item.partition("=")
-        parts = dirs.split(":")
-        if not sep or not name or len(parts) not in (2, 3):
-            raise FusionError(f"--sets {item!r}: expected NAME=A_DIR:B_DIR[:NAMES_FILE]")
-        sets.append(BenchmarkSet(name, *parts))
-    return replace(params, evaluate=replace(params.evaluate, sets=sets))
-
-
 def _evaluate(args: argparse.Namespace, params: Params) -> int:
-    from fusion.engine.checkpoint import weights_digest
-    from fusion.evaluation.evaluate import Candidate, evaluate, set_pairs
+    from fusion.engine.exports import weights_digest
+    from fusion.evaluation.evaluate import Candidate, evaluate, set_pairs, with_sets
     from fusion.evaluation.scoring import format_table
-    from fusion.inference.fuse import TileSpec, TorchEngine
-    from fusion.mlops.registry import is_uri, load_ref
+    from fusion.inference.fuse import TileSpec
+    from fusion.mlops.model_refs import is_uri, open_engine
 
-    params = _sets(args, params)
+    params = with_sets(params, args.sets or [])
     refs = args.model or [params.evaluate.model, *params.evaluate.compare]
     for bench in params.evaluate.sets:
         set_pairs(bench)  # bad folders or names fail before any model loads
     candidates = []
     for i, ref in enumerate(refs):
-        family, model = load_ref(params, ref)
-        label = "model" if i == 0 else (ref if is_uri(ref) else f"{family.name}:{Path(ref).name}")
-        candidates.append(Candidate(label, TorchEngine(model, family,
-                                                       TileSpec(params.evaluate.tile))))
+        engine = open_engine(params, ref, device="cpu", tiles=TileSpec(params.evaluate.tile))
+        label = ("model" if i == 0 else ref if is_uri(ref)
+                 else f"{engine.family.name}:{Path(ref).name}")
+        candidates.append(Candidate(label, engine))
     digest = "" if is_uri(refs[0]) else weights_digest(refs[0])
     summary = evaluate(params, candidates, digest)
     for name, methods in summary.items():
@@ -207,7 +158,7 @@ def _evaluate(args: argparse.Namespace, params: Params) -> int:
 
 def _export(args: argparse.Namespace, params: Params) -> int:
     from fusion.inference.onnx import export_onnx
-    from fusion.mlops.registry import load_ref
+    from fusion.mlops.model_refs import load_ref
 
     family, model = load_ref(params, args.model)
     out = export_onnx(model, family, Path(args.onnx), opset=args.opset)
@@ -216,7 +167,7 @@ def _export(args: argparse.Namespace, params: Params) -> int:
 
 
 def _register(args: argparse.Namespace, params: Params) -> int:
-    from fusion.mlops.tracking import register
+    from fusion.mlops.register import register
 
     record = register(params)
     print(f"registered {record['model_name']} version {record['version']} as challenger "
@@ -234,9 +185,6 @@ def _bundle(args: argparse.Namespace, params: Params) -> int:
 
 
 def _promote(args: argparse.Namespace, params: Params) -> int:
-    import json
-
-    from fusion.files import write_text
     from fusion.mlops.promotion import promote, rollback
 
     if args.rollback:
@@ -254,7 +202,7 @@ def _promote(args: argparse.Namespace, params: Params) -> int:
 
 
 def _search(args: argparse.Namespace, params: Params) -> int:
-    from fusion.mlops.registry import resolve_start
+    from fusion.mlops.model_refs import resolve_start
     from fusion.mlops.search import run_search
 
     _publish(params)
@@ -268,10 +216,7 @@ def _search(args: argparse.Namespace, params: Params) -> int:
 
 
 def _status(args: argparse.Namespace, params: Params) -> int:
-    import json
-
-    from fusion.files import write_text
-    from fusion.mlops.tracking import champion_status
+    from fusion.mlops.status import champion_status
 
     status = champion_status(params)
     if status["champion"] is None:
@@ -303,6 +248,112 @@ OUT/contribution/
 """
 
 
+def arg(*flags: str, **options: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """One ``add_argument`` of a stage, as data."""
+    return flags, options
+
+
+ADDRESS = arg("--address", default="", help="Ray cluster to join (default: ray.address, then "
+              "$RAY_ADDRESS, else a new local Ray instance)")
+JSON_OUT = arg("--json", default=None, metavar="OUT", help="write the result as JSON")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A ``fusion`` subcommand: its handler and its own arguments (every stage also takes
+    ``--params`` and ``--set``)."""
+
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace, Params], int]
+    args: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = ()
+    epilog: str = ""
+
+
+STAGES = (
+    Stage("prepare", "raw image pairs -> manifest + Parquet patch shards", _prepare, (
+        arg("--raw", nargs="+", default=None, metavar="DIR",
+            help="raw data roots (default: data.raw)"),
+        arg("--out", default=None, metavar="DIR", help="output folder (default: data.out)"),
+        arg("--exclude", nargs="*", default=None, metavar="FILE",
+            help="lists of pair names kept out of training (default: data.exclude)"),
+        arg("--summary", default=None, metavar="JSON",
+            help="counts for `dvc metrics` (default: data.summary)"))),
+    Stage("train", "train one phase of the family's recipe (model.family)", _train, (
+        arg("--phase", type=int, required=True, metavar="N",
+            help="phase of the recipe, from 1; each phase starts from the one before "
+                 "(docs/families.md lists each family's phases)"),
+        arg("--fresh", action="store_true",
+            help="discard this configuration's checkpoints instead of resuming"),
+        ADDRESS,
+        arg("--local", action="store_true",
+            help="train in this process without Ray (same loop; for debugging)"))),
+    Stage("fuse", "fuse one pair or two folders of pairs with a trained model", _fuse, (
+        arg("--model", required=True,
+            help="exported model folder, MLflow URI (models:/<name>@champion), @alias of the "
+                 "active family, or an .onnx file (--engine onnxruntime)"),
+        arg("--a", required=True, help="source A image or folder (ir / mri)"),
+        arg("--b", required=True, help="source B image or folder (vi / ct / pet ...)"),
+        arg("-o", "--output", required=True,
+            help="output image (format from the suffix), or a folder"),
+        arg("--tile", type=int, default=1024,
+            help="tile side for large images (default 1024); smaller saves memory"),
+        arg("--halo", "--overlap", type=int, default=64, dest="halo",
+            help="context in pixels around each tile's core (default 64; tiled output "
+                 "equals the whole-image output once it covers the network's reach)"),
+        arg("--device", default=None, help="torch device (default: train.device)"),
+        arg("--engine", choices=("torch", "onnxruntime"), default="torch",
+            help="torch (default; exact tiling of large images) or onnxruntime (a file from "
+                 "`fusion export --onnx`, whole images)"),
+        arg("--threads", type=int, default=0,
+            help="onnxruntime intra-op threads (default 0: all cores)"),
+        arg("--explain", default=None, metavar="FILE",
+            help="also write the contribution map of source A (see below)")), FUSE_EPILOG),
+    Stage("export", "export a model for other runtimes (ONNX)", _export, (
+        arg("--model", required=True, help="exported model folder or MLflow URI"),
+        arg("--onnx", required=True, metavar="FILE", help="ONNX file to write"),
+        arg("--opset", type=int, default=18, help="ONNX opset (default 18)"))),
+    Stage("evaluate", "fuse and score the benchmark sets with one or more models side by "
+          "side, with the mean and max fusion baselines", _evaluate, (
+              arg("--model", action="append", default=None, metavar="REF",
+                  help="model to evaluate (folder or MLflow URI; repeatable: models side by "
+                       "side, the first is 'model'); default: evaluate.model + .compare"),
+              arg("--sets", action="append", default=None,
+                  metavar="NAME=A_DIR:B_DIR[:LIST]",
+                  help="benchmark set instead of evaluate.sets (repeatable); LIST names the "
+                       "pairs to use"))),
+    Stage("score", "score fused images against their sources (EN, SD, ...)", _score, (
+        arg("--fused", required=True, metavar="DIR", help="fused images"),
+        arg("--a", required=True, metavar="DIR", help="source A images (ir / mri)"),
+        arg("--b", required=True, metavar="DIR", help="source B images (vi / ct ...)"),
+        arg("--json", default=None, metavar="OUT", help="per-image values and means"),
+        arg("--device", default="cpu", help="torch device for the metrics"))),
+    Stage("register", "log the pipeline run to MLflow, register the model as challenger "
+          "(a rerun after a failure completes it)", _register),
+    Stage("bundle", "pack the evaluated model (evaluate.model) as the family's bundled "
+          "starting checkpoint, with its params, metrics and provenance (after dvc repro "
+          "with the quality profile)", _bundle, (
+              arg("--out", default="", metavar="DIR",
+                  help="folder to write (default: the family's pretrained/ folder)"),)),
+    Stage("promote", "challenger vs floor and champion on the benchmark sets; move the "
+          "champion alias when the rule in params.yaml says so", _promote, (
+              arg("--rollback", action="store_true",
+                  help="move champion back to the version it replaced"),
+              JSON_OUT)),
+    Stage("search", "tune the family's loss weights: Optuna through Ray Tune, trials as Ray "
+          "Train runs, best weights into params.yaml", _search, (
+              arg("--trials", type=int, default=None,
+                  help="trials the study should hold (default: search.trials)"),
+              arg("--study", default=None,
+                  help="Optuna study name (default: search.study, else <family>-loss)"),
+              ADDRESS,
+              arg("--no-write", action="store_true",
+                  help="only write search.out/best.json, not search.write_params"))),
+    Stage("status", "have data or params changed since the champion was trained? (the "
+          "retrain flow skips training when not)", _status, (JSON_OUT,)),
+)
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     parser = argparse.ArgumentParser(prog="fusion", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -310,125 +361,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bars (they show only on a terminal anyway)")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    handlers: dict[str, Callable] = {}
-
-    p = sub.add_parser("prepare", help="raw image pairs -> manifest + Parquet patch shards")
-    _common(p)
-    p.add_argument("--raw", nargs="+", default=None, metavar="DIR",
-                   help="raw data roots (default: data.raw)")
-    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: data.out)")
-    p.add_argument("--exclude", nargs="*", default=None, metavar="FILE",
-                   help="lists of pair names kept out of training (default: data.exclude)")
-    p.add_argument("--summary", default=None, metavar="JSON",
-                   help="counts for `dvc metrics` (default: data.summary)")
-    handlers["prepare"] = _prepare
-
-    p = sub.add_parser("train", help="train one phase of the family's recipe (model.family)")
-    _common(p)
-    p.add_argument("--phase", type=int, required=True, metavar="N",
-                   help="phase of the recipe, from 1; each phase starts from the one before "
-                        "(docs/families.md lists each family's phases)")
-    p.add_argument("--fresh", action="store_true",
-                   help="discard this configuration's checkpoints instead of resuming")
-    p.add_argument("--address", default="",
-                   help="Ray cluster to join (default: ray.address, then $RAY_ADDRESS, "
-                        "else a new local Ray instance)")
-    p.add_argument("--local", action="store_true",
-                   help="train in this process without Ray (same loop; for debugging)")
-    handlers["train"] = _train
-
-    p = sub.add_parser("fuse", help="fuse one pair or two folders of pairs with a trained "
-                       "model", epilog=FUSE_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(p)
-    p.add_argument("--model", required=True,
-                   help="exported model folder, MLflow URI (models:/<name>@champion), "
-                        "@alias of the active family, or an .onnx file (--engine onnxruntime)")
-    p.add_argument("--a", required=True, help="source A image or folder (ir / mri)")
-    p.add_argument("--b", required=True, help="source B image or folder (vi / ct / pet ...)")
-    p.add_argument("-o", "--output", required=True,
-                   help="output image (format from the suffix), or a folder")
-    p.add_argument("--tile", type=int, default=1024,
-                   help="tile side for large images (default 1024); smaller saves memory")
-    p.add_argument("--halo", "--overlap", type=int, default=64, dest="halo",
-                   help="context in pixels around each tile's core (default 64; tiled output "
-                        "equals the whole-image output once it covers the network's reach)")
-    p.add_argument("--device", default=None, help="torch device (default: train.device)")
-    p.add_argument("--engine", choices=("torch", "onnxruntime"), default="torch",
-                   help="torch (default; exact tiling of large images) or onnxruntime "
-                        "(a file from `fusion export --onnx`, whole images)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="onnxruntime intra-op threads (default 0: all cores)")
-    p.add_argument("--explain", default=None, metavar="FILE",
-                   help="also write the contribution map of source A (see below)")
-    handlers["fuse"] = _fuse
-
-    p = sub.add_parser("export", help="export a model for other runtimes (ONNX)")
-    _common(p)
-    p.add_argument("--model", required=True, help="exported model folder or MLflow URI")
-    p.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file to write")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    handlers["export"] = _export
-
-    p = sub.add_parser("evaluate", help="fuse and score the benchmark sets with one or more "
-                       "models side by side, with the mean and max fusion baselines")
-    _common(p)
-    p.add_argument("--model", action="append", default=None, metavar="REF",
-                   help="model to evaluate (folder or MLflow URI; repeatable: models side by "
-                        "side, the first is 'model'); default: evaluate.model + .compare")
-    p.add_argument("--sets", action="append", default=None, metavar="NAME=A_DIR:B_DIR[:LIST]",
-                   help="benchmark set instead of evaluate.sets (repeatable); LIST names "
-                        "the pairs to use")
-    handlers["evaluate"] = _evaluate
-
-    p = sub.add_parser("score", help="score fused images against their sources (EN, SD, ...)")
-    _common(p)
-    p.add_argument("--fused", required=True, metavar="DIR", help="fused images")
-    p.add_argument("--a", required=True, metavar="DIR", help="source A images (ir / mri)")
-    p.add_argument("--b", required=True, metavar="DIR", help="source B images (vi / ct ...)")
-    p.add_argument("--json", default=None, metavar="OUT", help="per-image values and means")
-    p.add_argument("--device", default="cpu", help="torch device for the metrics")
-    handlers["score"] = _score
-
-    p = sub.add_parser("register", help="log the pipeline run to MLflow, register the model "
-                       "as challenger (a rerun after a failure completes it)")
-    _common(p)
-    handlers["register"] = _register
-
-    p = sub.add_parser("bundle", help="pack the evaluated model (evaluate.model) as the "
-                       "family's bundled starting checkpoint, with its params, metrics and "
-                       "provenance (after dvc repro with the quality profile)")
-    _common(p)
-    p.add_argument("--out", default="", metavar="DIR",
-                   help="folder to write (default: the family's pretrained/ folder)")
-    handlers["bundle"] = _bundle
-
-    p = sub.add_parser("promote", help="challenger vs floor and champion on the benchmark "
-                       "sets; move the champion alias when the rule in params.yaml says so")
-    _common(p)
-    p.add_argument("--rollback", action="store_true",
-                   help="move champion back to the version it replaced")
-    p.add_argument("--json", default=None, metavar="OUT", help="write the decision as JSON")
-    handlers["promote"] = _promote
-
-    p = sub.add_parser("search", help="tune the family's loss weights: Optuna through Ray "
-                       "Tune, trials as Ray Train runs, best weights into params.yaml")
-    _common(p)
-    p.add_argument("--trials", type=int, default=None,
-                   help="trials the study should hold (default: search.trials)")
-    p.add_argument("--study", default=None,
-                   help="Optuna study name (default: search.study, else <family>-loss)")
-    p.add_argument("--address", default="", help="Ray cluster (as for `fusion train`)")
-    p.add_argument("--no-write", action="store_true",
-                   help="only write search.out/best.json, not search.write_params")
-    handlers["search"] = _search
-
-    p = sub.add_parser("status", help="have data or params changed since the champion was "
-                       "trained? (the retrain flow skips training when not)")
-    _common(p)
-    p.add_argument("--json", default=None, metavar="OUT", help="write the answer as JSON")
-    handlers["status"] = _status
-    return parser, handlers
+    for stage in STAGES:
+        p = sub.add_parser(stage.name, help=stage.help, epilog=stage.epilog or None,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--params", default=None, help="params file (default: params.yaml)")
+        p.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="SECTION.KEY=VALUE",
+                       help="override one parameter, like `dvc exp run -S` (repeatable)")
+        for flags, options in stage.args:
+            p.add_argument(*flags, **options)
+    return parser, {stage.name: stage.run for stage in STAGES}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -215,3 +215,13 @@ def filesystem(uri: str, endpoint: str = "", what: str = "path") -> tuple[str, A
     if url.scheme not in ("", "file"):
         raise FusionError(f"{what} {uri!r}: only local folders and s3:// are supported")
     return str(Path(url.path if url.scheme else uri).resolve()), pafs.LocalFileSystem()
+
+
+def read_if_file(fs: Any, path: str) -> bytes | None:
+    """A file's bytes on a pyarrow filesystem (local or S3), None when there is none."""
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as fh:
+        return fh.read()

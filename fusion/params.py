@@ -17,7 +17,9 @@ from typing import Any
 import yaml
 
 from fusion.errors import FusionError
+from fusion.family import Family, default_family, get_family, list_families
 from fusion.files import write_text
+from fusion.metric_names import METRICS
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -29,7 +31,7 @@ class DataParams:
     raw: list[str] = field(default_factory=lambda: ["data/sample/roadscene"])
     out: str = "data/prepared"
     summary: str = "reports/prepare.json"
-    exclude: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=lambda: ["data/sample/roadscene/test_split.txt"])
     val_ratio: float = 0.1
     patch_size: int = 128
     stride: int = 64
@@ -44,23 +46,25 @@ class DataParams:
             raise FusionError("data.max_pixels must be positive")
 
 
-def _default_family() -> str:
-    from fusion.models.registry import DEFAULT_FAMILY
+class FamilyConfig(typing.Protocol):
+    """A family's section ``model.<family>``, typed by the dataclass the family registered
+    (``fusion.family``): sizes, loss weights of each phase, search space."""
 
-    return DEFAULT_FAMILY
+    net: Any
+    search: list[Any]
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    """The ``model`` section: which family trains, and one typed section per family
-    (``model.<family>``: sizes, loss weights of each phase, search space; see
-    ``fusion.models``). Sections of other families are kept, and checked, too."""
+    """The ``model`` section: which family trains, and one typed section per registered
+    family (the registry hands params each family's dataclass). Sections of other families
+    are kept, and checked, too."""
 
-    family: str = field(default_factory=lambda: _default_family())
-    configs: dict[str, Any] = field(default_factory=dict)  # family name -> its Config
+    family: str = field(default_factory=default_family)
+    configs: dict[str, FamilyConfig] = field(default_factory=dict)  # family name -> section
 
     @property
-    def config(self) -> Any:
+    def config(self) -> FamilyConfig:
         """The active family's section."""
         return self.configs[self.family]
 
@@ -75,7 +79,7 @@ class TrainParams:
     checkpoints: str = "checkpoints"  # single-process (--local) checkpoints, one folder per run
     keep_checkpoints: int = 2
     steps: list[int] = field(default_factory=lambda: [60, 60])  # per phase of the recipe
-    init: str = ""  # warm start: an export folder, models:/<name>@<alias>, or @champion
+    init: str = "@champion"  # warm start: an export folder, models:/<name>@<alias>, "": scratch
     batch_size: int = 8
     crop: int = 0  # random crop inside each patch (0: whole patch)
     lr: float = 5e-4  # network Adam learning rate
@@ -106,7 +110,7 @@ class RayParams:
     address: str = ""  # "": $RAY_ADDRESS if set, else a new local Ray instance
     num_workers: int = 1  # DDP workers; train.batch_size is per worker
     use_gpu: bool = False  # one GPU per worker (nccl); false: CPU workers (gloo)
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 2.0  # also the worker's torch threads
     gpus_per_worker: float = 1.0  # only with use_gpu
     placement_strategy: str = "PACK"  # SPREAD / STRICT_SPREAD: workers on different nodes
     storage_path: str = "checkpoints/ray"  # local folder or s3://bucket/prefix
@@ -184,8 +188,6 @@ class MetricWeight:
 
 
 def _check_weights(weights: list[MetricWeight], where: str) -> None:
-    from fusion.evaluation import METRICS
-
     unknown = sorted({w.metric for w in weights} - set(METRICS))
     if unknown or not weights:
         raise FusionError(f"{where}: unknown metric(s) {unknown}; known: {list(METRICS)}")
@@ -262,14 +264,12 @@ class Params:
                                   f"got {len(steps)} step counts")
 
     @property
-    def family(self):
+    def family(self) -> Family:
         """The active family's registry entry."""
-        from fusion.models.registry import get_family
-
         return get_family(self.model.family)
 
     @property
-    def config(self) -> Any:
+    def config(self) -> FamilyConfig:
         return self.model.config
 
     @property
@@ -280,15 +280,13 @@ class Params:
 
 def _model_section(raw: Any, where: str) -> ModelParams:
     """``model``: the family name plus a typed section per registered family."""
-    from fusion.models.registry import get_family, list_families
-
     if not isinstance(raw, dict):
         raise FusionError(f"{where}: expected a mapping, got {raw!r}")
     families = list_families()
     unknown = sorted(set(raw) - {"family", *families})
     if unknown:
         raise FusionError(f"{where}: unknown key(s) {unknown}; known: family, {families}")
-    family = _check_type(raw.get("family", _default_family()), str, f"{where}.family")
+    family = _check_type(raw.get("family", default_family()), str, f"{where}.family")
     get_family(family)  # a clear error for an unknown name
     configs = {}
     for name in families:
@@ -410,16 +408,6 @@ def update_params_file(path: str | Path, updates: dict[str, Any]) -> Params:
     params = typed(Params, yaml.safe_load(text) or {}, "")
     write_text(path, text)
     return params
-
-
-def family_profile(family: str, name: str) -> dict[str, Any]:
-    """A family's named profile (e.g. ``paper`` sizes) as a params update."""
-    from fusion.models.registry import get_family
-
-    fam = get_family(family)
-    if name not in fam.profiles:
-        raise FusionError(f"{family}: no profile {name!r}; known: {sorted(fam.profiles)}")
-    return {"model": {family: fam.profiles[name]}}
 
 
 def to_dict(params: Params) -> dict[str, Any]:

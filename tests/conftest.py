@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import fusion.models  # noqa: F401  (registers the families, as the CLI and the flows do)
 from tests.s3_server import MotoS3
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,12 +72,13 @@ def tiny_params(tmp: Path, family: str = "dae-fuse", **train):
     settings = {"data": str(tmp / "prepared"), "out": str(tmp / "models"),
                 "curves": str(tmp / "reports"), "checkpoints": str(tmp / "ck"),
                 "steps": [30, 30], "batch_size": 4, "lr": 2e-3, "d_lr": 1e-3, "log_every": 5,
-                "checkpoint_every": 10, "device": "cpu", **train}
+                "checkpoint_every": 10, "device": "cpu", "init": "", **train}
     data = {"raw": [str(REPO / "data/sample/roadscene")], "out": str(tmp / "prepared"),
             "exclude": [str(REPO / "data/sample/roadscene/test_split.txt")],
             "patch_size": 48, "stride": 48}
     model = {"family": family, **{name: {"net": net} for name, net in TINY_NETS.items()}}
-    return typed(Params, {"data": data, "model": model, "train": settings}, "")
+    ray = {"cpus_per_worker": 1.0}  # one torch thread per test process (see the top)
+    return typed(Params, {"data": data, "model": model, "train": settings, "ray": ray}, "")
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +96,7 @@ def trained(tmp: Path, family: str, prepared_dir: Path, **train):
     """Both phases of ``family`` trained locally with the tiny network; returns the params."""
     from dataclasses import replace
 
-    from fusion.engine.runs import train_local
+    from fusion.engine.local_runner import train_local
 
     params = tiny_params(tmp, family, **train)
     params = replace(params, train=replace(params.train, data=str(prepared_dir)))

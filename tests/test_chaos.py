@@ -33,7 +33,7 @@ def _workdir(tiny_run, tmp: Path, uri: str, perturb: float = 0.0) -> Path:
     and its evaluation, ready for `fusion register`."""
     import shutil
 
-    from fusion.engine.checkpoint import export_model, load_model, load_weights, weights_digest
+    from fusion.engine.exports import export_model, load_model, load_weights, weights_digest
     from fusion.evaluation.evaluate import Candidate, evaluate
     from fusion.inference.fuse import TorchEngine
 
@@ -111,7 +111,8 @@ def test_register_survives_a_crash_and_a_dead_server(server, tiny_run, tmp_path)
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "fusion.cli", "register"], cwd=third,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(4)
+    while not _running_pipelines(server.uri) and proc.poll() is None:
+        time.sleep(0.05)  # register has opened its pipeline run: it is talking to the server
     server.kill()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err

@@ -23,11 +23,11 @@ from tests.conftest import REPO, free_port, run_cli, save, textured
 @pytest.fixture(scope="module")
 def registry(tiny_run, tmp_path_factory):
     """A folder with its own SQLite registry holding the tiny model as dae-fuse champion."""
-    from fusion.engine.checkpoint import load_model, weights_digest
+    from fusion.engine.exports import load_model, weights_digest
     from fusion.evaluation.evaluate import Candidate, evaluate
     from fusion.inference.fuse import TorchEngine
     from fusion.mlops.promotion import promote
-    from fusion.mlops.tracking import register
+    from fusion.mlops.register import register
     from fusion.params import BenchmarkSet, EvaluateParams, MlflowParams, PromoteParams
 
     tmp = tmp_path_factory.mktemp("registry")
@@ -208,7 +208,7 @@ def test_progress_shows_on_a_terminal_only(tiny_run, tmp_path):
 def test_onnx_export_matches_torch_on_a_real_pair(tiny_runs, tmp_path, shared_data):
     """Every family exports; on a real TNO pair (768x576) onnxruntime gives the torch output
     within 1e-4 (float). Through the CLI (one family), the same 8-bit image up to rounding."""
-    from fusion.engine.checkpoint import load_model
+    from fusion.engine.exports import load_model
     from fusion.evaluation.scoring import read_grey
     from fusion.inference.fuse import TorchEngine
     from fusion.inference.onnx import OnnxEngine, export_onnx

@@ -16,8 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "fusion"
 # pipeline stages in data-flow order; a module may import its own stage and earlier ones
 STAGES = ["data", "models", "engine", "inference", "evaluation", "mlops", "cli"]
-BASE = {"errors", "params", "files", "s3", "progress", "chaos"}  # shared by every stage
-REGISTRY = {PACKAGE / "models/registry.py", PACKAGE / "models/__init__.py"}
+# shared by every stage; they import only each other
+BASE = {"errors", "params", "files", "s3", "progress", "chaos", "family", "metric_names",
+        "device"}
+REGISTRY = {PACKAGE / "models/__init__.py"}  # imports each family's folder by name
 
 
 def _modules() -> dict[str, Path]:
@@ -26,8 +28,29 @@ def _modules() -> dict[str, Path]:
 
 
 def _stage(module: str) -> str | None:
+    """A module's stage; ``base`` for the base modules (None outside the package)."""
     part = module.split(".")[1] if module.count(".") else ""
-    return part if part in STAGES else None
+    return part if part in STAGES else "base" if part in BASE else None
+
+
+def _imports(path: Path, known: set[str]) -> set[str]:
+    """The project modules a file imports, at module level or inside a function (lazy
+    imports too); ``from pkg import mod`` counts as importing ``pkg.mod``."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            subs = {f"{node.module}.{a.name}" for a in node.names} & known
+            found |= subs or {node.module}
+    return {name for name in found if name in known}
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {**_modules(), **{".".join(p.relative_to(REPO).with_suffix("").parts): p
+                              for p in (REPO / "flows").rglob("*.py")}}
+    files = {name.removesuffix(".__init__"): path for name, path in files.items()}
+    return {name: _imports(path, set(files)) for name, path in files.items()}
 
 
 def _family_folders() -> set[Path]:
@@ -40,19 +63,52 @@ def test_every_stage_folder_exists():
 
 
 def test_imports_flow_one_way():
+    """Base modules import only base modules; a stage imports the base and its own or an
+    earlier stage, lazy imports included."""
+    order = ["base", *STAGES]
     wrong = []
-    for module, path in _modules().items():
+    for module, targets in _graph().items():
         stage = _stage(module)
         if stage is None:
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            for name in names:
-                target = _stage(name) if name.startswith("fusion.") else None
-                if target and STAGES.index(target) > STAGES.index(stage):
-                    wrong.append(f"{module} ({stage}) imports {name} ({target})")
+        for target in targets:
+            there = _stage(target)
+            if there and order.index(there) > order.index(stage):
+                wrong.append(f"{module} ({stage}) imports {target} ({there})")
     assert not wrong, "\n".join(wrong)
+    assert not (_graph()["fusion.params"] - {f"fusion.{b}" for b in BASE})
+
+
+def test_no_import_circle():
+    """The import graph of fusion/ and flows/ (lazy imports included) has no cycle."""
+    graph = _graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    circles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                circles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not circles, "\n".join(circles)
+
+
+def test_data_knows_no_network():
+    """Nothing the data stage imports, directly or through the base, reaches models/."""
+    graph, seen, todo = _graph(), set(), [m for m in _graph() if _stage(m) == "data"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += graph[module]
+    assert not [m for m in seen if _stage(m) in ("models", "engine", "inference")]
 
 
 def test_family_names_only_in_their_folders_and_the_registry():
@@ -68,8 +124,8 @@ def test_family_names_only_in_their_folders_and_the_registry():
 
 def test_importing_every_module_has_no_side_effects():
     """No environment change, no Ray / MLflow / Prefect / Optuna imported, nothing printed.
-    (``model_code`` is the script MLflow itself runs to load a logged model: not imported.)"""
-    modules = sorted(m for m in _modules() if m != "fusion.mlops.model_code")
+    (``pyfunc_entry`` is the script MLflow itself runs to load a logged model: not imported.)"""
+    modules = sorted(m for m in _modules() if m != "fusion.mlops.pyfunc_entry")
     code = f"""
 import importlib, json, os, sys
 before = dict(os.environ)

@@ -65,10 +65,18 @@ def test_reading_params_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from fusion.params import load_params; load_params(); "
+    code = ("import sys; import fusion.models; from fusion.params import load_params; "
+            "load_params(); "
             "import fusion.cli; print(sorted(m for m in ('torch', 'ray', 'mlflow', 'timm') "
             "if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_code_defaults_are_params_yaml():
+    """One value, one meaning: every default in the params dataclasses (families' sizes,
+    loss weights and search spaces included) is the value params.yaml holds."""
+
+    assert to_dict(Params()) == to_dict(load_params(REPO / "params.yaml"))

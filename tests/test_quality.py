@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from fusion.data.pairs import match_stems
-from fusion.engine.checkpoint import load_model, net_params, read_config, weights_digest
+from fusion.engine.exports import load_model, net_params, read_config, weights_digest
 from fusion.evaluation.evaluate import Candidate, evaluate
 from fusion.evaluation.scoring import read_grey
 from fusion.inference.fuse import TorchEngine

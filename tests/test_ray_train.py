@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from fusion.engine.cluster import storage
+from fusion.engine.fingerprints import run_name
 from fusion.engine.ray_runner import Fault, train_ray
-from fusion.engine.runs import run_name
 from fusion.errors import FusionError
 from fusion.params import Params, RayParams
 from tests.conftest import RAY_GROUP
@@ -30,7 +30,8 @@ def _ray_params(base: Params, tmp: Path, **ray) -> Params:
     """``base`` (its prepared data) with outputs under ``tmp`` and the given Ray settings."""
     train = replace(base.train, out=str(tmp / "models"), curves=str(tmp / "reports"))
     return replace(base, train=train,
-                   ray=RayParams(**{"storage_path": str(tmp / "ray"), "max_failures": 1, **ray}))
+                   ray=RayParams(**{"storage_path": str(tmp / "ray"), "max_failures": 1,
+                                     "cpus_per_worker": 1.0, **ray}))
 
 
 def _curve(path: Path) -> dict[int, float]:
@@ -135,7 +136,8 @@ def test_resumed_ray_run_equals_the_single_process_loop_on_the_same_input(one_wo
     at step 15: one loop, Ray or not, and a resumed run reproduces its seed."""
     import ray.data
 
-    from fusion.engine.batches import ShardBatches, source
+    from fusion.data.prepared import source
+    from fusion.engine.batches import ShardBatches
     from fusion.engine.cluster import read_patches
     from fusion.engine.trainer import Trainer
 
@@ -197,7 +199,7 @@ def test_no_patch_twice_in_an_epoch_per_worker(ray_cluster, tiny_run):
     patch but the remainder Ray Data drops to keep the split equal."""
     import threading
 
-    from fusion.engine.batches import source
+    from fusion.data.prepared import source
     from fusion.engine.cluster import read_patches
 
     src = source(tiny_run.train.data)
@@ -252,7 +254,7 @@ def test_a_shipped_s3_store_keeps_retrying_through_an_outage(s3):
 def test_shipped_params_carry_the_s3_endpoint(monkeypatch, tmp_path):
     """Workers and trials get the endpoint this process resolved: a node started without
     $AWS_ENDPOINT_URL looked for the bucket on AWS (found by the production-stack test)."""
-    from fusion.engine.ray_runner import shipped
+    from fusion.engine.cluster import shipped
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.chdir(tmp_path)
@@ -274,8 +276,7 @@ def test_run_name_hashes_the_worker_count(tiny_run):
 def test_publish_copies_the_prepared_dataset_to_s3_once(prepared, s3_server):
     """`fusion train` with train.data on S3 publishes data.out there; the same dataset is not
     copied twice, and shards the dataset no longer has are removed."""
-    from fusion.data.shards import publish
-    from fusion.engine.batches import source
+    from fusion.data.prepared import publish, source
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="publish")
     uri = "s3://publish/prepared"
@@ -335,7 +336,7 @@ def test_training_data_outlives_a_minute_long_s3_stop(ray_cluster, tiny_run, s3,
     import threading
     import time
 
-    from fusion.data.shards import publish
+    from fusion.data.prepared import publish
 
     boto3.client("s3", endpoint_url=s3.url).create_bucket(Bucket="drill")
     publish(tiny_run.train.data, "s3://drill/prepared", s3.url)

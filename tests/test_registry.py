@@ -19,12 +19,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from fusion.engine.checkpoint import export_model, load_model, load_weights, weights_digest
+from fusion.engine.exports import export_model, load_model, load_weights, weights_digest
 from fusion.errors import FusionError
 from fusion.evaluation.evaluate import Candidate, evaluate
 from fusion.inference.fuse import TorchEngine
+from fusion.mlops.connection import connect
 from fusion.mlops.promotion import promote, rollback
-from fusion.mlops.tracking import connect, register
+from fusion.mlops.register import register
 from fusion.params import BenchmarkSet, EvaluateParams, MlflowParams, PromoteParams
 from tests.conftest import REPO, MlflowServer, free_port
 
@@ -173,10 +174,11 @@ def test_the_floor_refuses_a_model_below_mean_fusion_even_without_a_champion(tin
 def test_warm_start_from_the_champion_records_its_lineage(sqlite_params, tmp_path):
     """train.init @champion resolves to the champion's version; the run name hashes its
     weights; the new version is tagged with the version it was fine-tuned from."""
-    from fusion.engine.checkpoint import read_config
-    from fusion.engine.runs import run_name, train_local
-    from fusion.mlops.registry import resolve_start
-    from fusion.mlops.tracking import LINEAGE
+    from fusion.engine.exports import read_config
+    from fusion.engine.fingerprints import run_name
+    from fusion.engine.local_runner import train_local
+    from fusion.mlops.model_refs import resolve_start
+    from fusion.mlops.register import LINEAGE
 
     params = sqlite_params
     _evaluate(params)

@@ -5,7 +5,7 @@ runs inside the retrain flow test: test_flows.py.)"""
 import optuna
 import pytest
 
-from fusion.engine.checkpoint import load_model
+from fusion.engine.exports import load_model
 from fusion.errors import FusionError
 from fusion.evaluation.gain import weighted_gain
 from fusion.evaluation.validation import ValidationScore, held_out_pairs

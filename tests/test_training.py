@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from fusion.engine.batches import PatchStream
-from fusion.engine.checkpoint import load_model, load_state, load_weights, save_state
-from fusion.engine.runs import checkpoints, run_name, train_local
+from fusion.engine.checkpoint import checkpoints, load_state, save_state
+from fusion.engine.exports import load_model, load_weights
+from fusion.engine.fingerprints import run_name
+from fusion.engine.local_runner import train_local
 from fusion.engine.trainer import Trainer
 from fusion.errors import FusionError
 from fusion.inference.fuse import TileSpec, TorchEngine
@@ -57,7 +59,7 @@ def test_trained_weights_round_trip_through_the_export(tiny_runs, family):
     final = checkpoints(Path(params.train.checkpoints) / run_name(params, 2))[-1]
     state = load_state(final)
     assert state["step"] == 30
-    trained = get_family(family).impl().build(params.config.net).eval()
+    trained = get_family(family).network_module().build(params.config.net).eval()
     trained.load_state_dict(state["model"])
     a, b = torch.rand(1, 1, 40, 56), torch.rand(1, 1, 40, 56)
     with torch.no_grad():
@@ -177,7 +179,7 @@ def test_warm_start_from_a_folder_fine_tunes_and_keeps_its_lineage(tiny_run, tmp
     """train.init = an export folder: the recipe's warm phases train from it, the others
     pass its weights through; the run name hashes the starting weights; the export records
     where it came from."""
-    from fusion.mlops.registry import resolve_start
+    from fusion.mlops.model_refs import resolve_start
 
     folder = Path(tiny_run.train.out) / "phase2"
     train = replace(tiny_run.train, init=str(folder), out=str(tmp_path / "models"),
@@ -207,7 +209,8 @@ def test_no_stage_replaces_a_folder_it_did_not_make(tiny_run, tmp_path):
     """Exports, checkpoints, bundles and evaluations refuse a folder holding somebody's
     file (exit 2, naming it) and leave it as it was; their own folders they replace."""
     from fusion.data.prepare import PREPARED
-    from fusion.engine.checkpoint import CHECKPOINT, EXPORT, export_model
+    from fusion.engine.checkpoint import CHECKPOINT
+    from fusion.engine.exports import EXPORT, export_model
     from fusion.evaluation.evaluate import EVALUATION
     from fusion.files import replacing
     from fusion.mlops.bundle import BUNDLE

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from fusion.data.images import luma, max_value, read_image, size_mismatch
 from fusion.data.pairs import Pair, Reject, discover, read_names
+from fusion.data.prepared import MANIFEST
 from fusion.data.shards import ShardWriter, write_table
 from fusion.errors import BadInputError, FusionError
 from fusion.files import Output, replacing, sha256_file, write_text
@@ -48,7 +49,6 @@ MANIFEST_SCHEMA = pa.schema([
 REJECTS_SCHEMA = pa.schema([("path", pa.string()), ("pair_id", pa.string()),
                             ("reason", pa.string())])
 TRAINING_SPLITS = ("train", "val")
-MANIFEST = "manifest.parquet"
 PREPARED = Output("fusion prepare", MANIFEST,
                   frozenset({MANIFEST, "rejects.parquet", "patches"}))
 

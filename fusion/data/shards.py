@@ -7,7 +7,6 @@ shard batch by batch, so a training worker never holds the whole dataset.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,34 +96,3 @@ def iter_shard(path: str | Path, batch_rows: int = ROW_GROUP_ROWS
     for batch in file.iter_batches(batch_size=batch_rows):
         yield (decode_patches(batch.column("a"), batch.column("a_bits"), size),
                decode_patches(batch.column("b"), batch.column("b_bits"), size))
-
-
-def publish(prepared: str | Path, uri: str, endpoint: str = "") -> int:
-    """Copy a prepared dataset's manifest and patch shards to ``uri`` (``s3://bucket/prefix``),
-    where Ray Data workers on any node read them; shards there that the dataset no longer
-    has are removed. Skipped when the manifest there is byte-identical. Returns files copied."""
-    import pyarrow.fs as pafs
-
-    from fusion.files import filesystem, sha256_file
-
-    src = Path(prepared)
-    manifest = src / "manifest.parquet"
-    if not manifest.is_file():
-        raise FusionError(f"{src}: no manifest.parquet (run `fusion prepare` first)")
-    root, fs = filesystem(uri, endpoint, "train.data")
-    remote = f"{root}/manifest.parquet"
-    if fs.get_file_info(remote).type == pafs.FileType.File:
-        with fs.open_input_stream(remote) as fh:
-            if hashlib.sha256(fh.read()).hexdigest() == sha256_file(manifest):
-                return 0
-    local = {p.name for p in (src / "patches").glob("*.parquet")}
-    listing = fs.get_file_info(pafs.FileSelector(f"{root}/patches", allow_not_found=True))
-    for info in listing:
-        if info.base_name not in local:
-            fs.delete_file(info.path)
-    # shards first, the manifest last: a manifest there means a complete copy
-    pafs.copy_files(str(src / "patches"), f"{root}/patches",
-                    source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    pafs.copy_files(str(manifest), remote, source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=fs)
-    return len(local) + 1

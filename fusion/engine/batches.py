@@ -18,65 +18,17 @@ a generator seeded by (seed, step).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fusion.data.prepared import source
 from fusion.data.shards import decode_patches
 from fusion.errors import FusionError
-from fusion.files import filesystem
 
 COLUMNS = ["a", "b", "a_bits", "b_bits"]
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a prepared dataset lives: a pyarrow filesystem and the dataset's root on it."""
-
-    fs: Any
-    root: str
-    uri: str  # as configured (a folder or s3://bucket/prefix)
-
-    def files(self, split: str) -> list[str]:
-        import pyarrow.fs as pafs
-
-        selector = pafs.FileSelector(f"{self.root}/patches", allow_not_found=True)
-        names = sorted(i.path for i in self.fs.get_file_info(selector)
-                       if i.base_name.startswith(f"{split}-") and i.path.endswith(".parquet"))
-        if not names:
-            raise FusionError(f"{self.uri}: no {split} patch shards (run `fusion prepare` "
-                              "first)")
-        return names
-
-    def read(self, name: str) -> bytes | None:
-        import pyarrow.fs as pafs
-
-        path = f"{self.root}/{name}"
-        if self.fs.get_file_info(path).type != pafs.FileType.File:
-            return None
-        with self.fs.open_input_stream(path) as fh:
-            return fh.read()
-
-    def layout(self, split: str) -> tuple[int, int]:
-        """(patch size, rows) of a split, from the shards' metadata alone."""
-        import pyarrow.parquet as pq
-
-        rows, size = 0, 0
-        for name in self.files(split):
-            with self.fs.open_input_file(name) as fh:
-                meta = pq.ParquetFile(fh)
-                rows += meta.metadata.num_rows
-                size = int(meta.schema_arrow.metadata[b"patch_size"])
-        return size, rows
-
-
-def source(data: str, endpoint: str = "") -> Source:
-    """The dataset ``train.data`` names: a local folder or ``s3://bucket/prefix``."""
-    root, fs = filesystem(data, endpoint, "train.data")
-    return Source(fs, root, data)
 
 
 def augment(a: torch.Tensor, b: torch.Tensor, seed: int, step: int, crop: int

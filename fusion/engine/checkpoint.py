@@ -1,13 +1,10 @@
-"""Training checkpoints that verify themselves, and exported models, written atomically.
+"""Training checkpoints that verify themselves, written atomically.
 
-- Training checkpoints (resume): a folder with ``state.pt`` (network, discriminators,
-  optimizers, schedulers, step, phase, RNG state; only tensors and plain values, loaded with
-  ``torch.load(weights_only=True)``) and ``manifest.json``, written last, holding the
-  state's size and SHA-256. A folder whose manifest is missing or does not match is not a
-  checkpoint: resuming skips it with a warning and takes the newest good one.
-- Exported models (inference, the next phase, warm starts, MLflow): ``model.safetensors``
-  (+ ``critic.safetensors`` for adversarial families) and ``config.json`` recording the
-  format version, the family and its network sizes. Loading goes through the registry.
+A checkpoint (for resuming) is a folder with ``state.pt`` (network, discriminators,
+optimizers, schedulers, step, phase, RNG state; only tensors and plain values, loaded with
+``torch.load(weights_only=True)``) and ``manifest.json``, written last, holding the state's
+size and SHA-256. A folder whose manifest is missing or does not match is not a checkpoint:
+resuming skips it with a warning and takes the newest good one.
 """
 
 from __future__ import annotations
@@ -15,25 +12,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import asdict
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fusion.errors import FusionError
 from fusion.files import Output, replacing, sha256_file
-from fusion.models.registry import get_family
 
-if TYPE_CHECKING:  # torch is imported where weights are touched: reading a config stays fast
-    import torch
-    from torch import nn
-
-Weights = tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"] | None]  # network, critic
-FORMAT = "fusion-model/2"
 STATE_FILE = "state.pt"
 MANIFEST = "manifest.json"
-MODEL_FILE, CRITIC_FILE, CONFIG_FILE = "model.safetensors", "critic.safetensors", "config.json"
 CHECKPOINT = Output("a training run", MANIFEST, frozenset({STATE_FILE, MANIFEST}))
-EXPORT = Output("fusion train", CONFIG_FILE, frozenset({MODEL_FILE, CRITIC_FILE, CONFIG_FILE}))
 
 
 def save_state(state: dict[str, Any], dest: str | Path) -> Path:
@@ -89,80 +78,26 @@ def load_state(folder: str | Path) -> dict[str, Any]:
     return read_state((folder / STATE_FILE).read_bytes(), str(folder))
 
 
-def export_model(dest: str | Path, family: str, net: Any, model: nn.Module,
-                 critic: nn.Module | None, info: dict[str, Any]) -> Path:
-    """Write weights (safetensors) + config.json for inference and the next phase."""
-    from safetensors.torch import save_file
-
-    dest = Path(dest)
-    with replacing(dest, EXPORT) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  tmp / MODEL_FILE)
-        if critic is not None:
-            save_file({k: v.contiguous() for k, v in critic.state_dict().items()},
-                      tmp / CRITIC_FILE)
-        config = {"format": FORMAT, "family": family, "net": asdict(net), **info}
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return dest
+def checkpoints(folder: Path) -> list[Path]:
+    """Checkpoint folders of a local run, oldest first (temp folders are never listed)."""
+    return sorted(p for p in folder.glob("step-*") if p.is_dir())
 
 
-def read_config(folder: str | Path) -> dict[str, Any]:
-    """An export's config.json, checked: known format and a registered family."""
-    path = Path(folder) / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FusionError(f"{path}: not an exported model ({exc})") from exc
-    if config.get("format") != FORMAT:
-        raise FusionError(f"{path}: unknown model format {config.get('format')!r} "
-                          f"(this version reads {FORMAT})")
-    get_family(config.get("family", ""))
-    return config
+def newest_good(candidates: list[Any], read: Callable[[Any], dict[str, Any]],
+                run: str) -> dict[str, Any] | None:
+    """The newest checkpoint state that verifies, warning about each bad one skipped.
 
-
-def net_params(config: dict[str, Any]) -> Any:
-    """The network sizes an export was trained with, typed by its family."""
-    from fusion.params import typed
-
-    family = get_family(config["family"])
-    return typed(type(family.config().net), config["net"], f"{config['family']}.net")
-
-
-def load_weights(folder: str | Path) -> Weights:
-    """(network, critic or None) state dicts of an export, e.g. to start the next phase."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    read_config(folder)
-    try:
-        critic = folder / CRITIC_FILE
-        return (load_file(folder / MODEL_FILE, device="cpu"),
-                load_file(critic, device="cpu") if critic.exists() else None)
-    except (OSError, SafetensorError) as exc:
-        raise FusionError(f"{folder}: cannot load weights ({exc})") from exc
-
-
-def load_model(folder: str | Path, device: str = "cpu") -> nn.Module:
-    """Build the export's family network from config.json and load its weights (no pickle)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    config = read_config(folder)
-    family = get_family(config["family"])
-    model = family.impl().build(net_params(config))
-    weights = Path(folder) / MODEL_FILE
-    try:
-        model.load_state_dict(load_file(weights, device="cpu"))
-    except (OSError, RuntimeError, SafetensorError) as exc:
-        raise FusionError(f"{weights}: cannot load weights ({exc})") from exc
-    return model.to(device).eval()
-
-
-def weights_digest(folder: str | Path) -> str:
-    """SHA-256 of an export's network weights: ties reports, registry entries and run names
-    to the exact weights."""
-    path = Path(folder) / MODEL_FILE
-    if not path.exists():
-        raise FusionError(f"{folder}: no exported model ({MODEL_FILE} missing)")
-    return sha256_file(path)
+    ``read`` raises FusionError for a bad checkpoint. No good one among existing ones is an
+    error (exit 2): resuming cannot continue and starting over must be asked for.
+    """
+    bad = []
+    for candidate in reversed(candidates):
+        try:
+            return read(candidate)
+        except FusionError as exc:
+            print(f"warning: skipping checkpoint {candidate}: {exc}", file=sys.stderr)
+            bad.append(str(candidate))
+    if bad:
+        raise FusionError(f"{run}: none of its {len(bad)} checkpoint(s) is readable "
+                          "(see the warnings); rerun with --fresh to start this run over")
+    return None

@@ -11,8 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+from fusion.data.prepared import source
 from fusion.errors import TransientError
 from fusion.files import filesystem
 from fusion.params import Params
@@ -88,7 +91,7 @@ def run_config(name: str, root: str, fs: Any, max_failures: int, **options: Any)
 
 
 def read_patches(src: Any, columns: list[str] | None = None) -> Any:
-    """The training split of a patch source (``fusion.engine.batches.source``) as a Ray
+    """The training split of a patch source (``fusion.data.prepared.source``) as a Ray
     Data dataset. Read tasks take no CPU slot (the workers hold the CPUs; reading Parquet is
     I/O) and run one at a time (CPU-free tasks are otherwise unbounded; one keeps up with
     training). Ray Data's first Parquet reader is used: the newer one (the default in Ray
@@ -117,24 +120,11 @@ def train_dataset(params: Params) -> tuple[dict[str, Any], dict[str, Any], Any]:
     import ray.data
     import ray.train
 
-    from fusion.engine.batches import source
-
     src = source(params.train.data, params.ray.storage_endpoint)
     size, rows = src.layout("train")
     options = ray.data.ExecutionOptions(preserve_order=True)
     return ({"train": read_patches(src)}, {"patch_size": size, "rows": rows, "data": src.uri},
             ray.train.DataConfig(datasets_to_split=["train"], execution_options=options))
-
-
-def worker_batches(params: Params, layout: dict[str, Any], world: int) -> Any:
-    """This worker's batches from its shard of the training dataset."""
-    import ray.train
-
-    from fusion.engine.batches import ShardBatches
-
-    t = params.train
-    return ShardBatches(ray.train.get_dataset_shard("train"), t.batch_size, t.seed, t.crop,
-                        layout["patch_size"], layout["rows"], world)
 
 
 def scaling(params: Params) -> Any:
@@ -146,16 +136,48 @@ def scaling(params: Params) -> Any:
                          resources_per_worker=resources, placement_strategy=r.placement_strategy)
 
 
-def worker_setup(params: Params) -> tuple[int, int, Any]:
+def shipped(params: Params) -> Params:
+    """Params for workers, which may run elsewhere (another cwd, another environment): a
+    local dataset path made absolute (an s3:// one is read by every node as it is), and
+    the S3 endpoint this process resolves (``$AWS_ENDPOINT_URL`` when
+    ``ray.storage_endpoint`` is empty) written in: a node started without that variable
+    would otherwise look for the bucket on AWS."""
+    from fusion.s3 import s3_endpoint
+
+    t, r = params.train, params.ray
+    data = t.data if "://" in t.data else str(Path(t.data).resolve())
+    return replace(params, train=replace(t, data=data),
+                   ray=replace(r, storage_endpoint=s3_endpoint(r.storage_endpoint)))
+
+
+def torch_trainer(loop: Any, params: Params, config: dict[str, Any], name: str, root: str,
+                  fs: Any, **run_options: Any) -> Any:
+    """A ``TorchTrainer`` running ``loop`` on ``ray.num_workers`` workers, fed the training
+    split of ``train.data`` through Ray Data. The loop's config gets the shipped params
+    (``params``) and what its workers need to read their shard (``layout``)."""
+    import ray.train.torch
+
+    params = shipped(params)
+    datasets, layout, data_config = train_dataset(params)
+    return ray.train.torch.TorchTrainer(
+        loop, train_loop_config={**config, "params": params, "layout": layout},
+        scaling_config=scaling(params), datasets=datasets, dataset_config=data_config,
+        run_config=run_config(name, root, fs, params.ray.max_failures, **run_options))
+
+
+def worker_start(config: dict[str, Any]) -> tuple[Params, int, int, Any, Any]:
     """What every Ray Train worker (training or a search trial) does first: torch threads
-    from ``ray.cpus_per_worker`` (Ray's default is 1), quiet logs; returns (rank, world
-    size, device)."""
+    from ``ray.cpus_per_worker`` (Ray's default is 1), quiet logs; returns (params, rank,
+    world size, device, this worker's batches from its shard of the training data)."""
     import warnings
 
     import ray.train
     import ray.train.torch
     import torch
 
+    from fusion.engine.batches import ShardBatches
+
+    params: Params = config["params"]
     warnings.filterwarnings("ignore", message="Grad strides do not match")  # DDP, harmless
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -165,4 +187,8 @@ def worker_setup(params: Params) -> tuple[int, int, Any]:
     logging.getLogger().setLevel(logging.WARNING)
     torch.set_num_threads(max(1, int(params.ray.cpus_per_worker)))
     ctx = ray.train.get_context()
-    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+    world = ctx.get_world_size()
+    t, layout = params.train, config["layout"]
+    batches = ShardBatches(ray.train.get_dataset_shard("train"), t.batch_size, t.seed, t.crop,
+                           layout["patch_size"], layout["rows"], world)
+    return params, ctx.get_world_rank(), world, ray.train.torch.get_device(), batches

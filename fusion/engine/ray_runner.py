@@ -15,33 +15,26 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fusion.engine.checkpoint import MANIFEST, STATE_FILE, check_state, read_state, save_state
-from fusion.engine.cluster import (
-    connect,
-    run_config,
-    scaling,
-    storage,
-    train_dataset,
-    worker_batches,
-    worker_setup,
-)
-from fusion.engine.runs import (
-    NO_START,
-    Sink,
-    Start,
-    finish,
+from fusion.engine.checkpoint import (
+    MANIFEST,
+    STATE_FILE,
+    check_state,
     newest_good,
-    pass_through,
-    phase_weights,
-    reporter,
-    run_name,
+    read_state,
+    save_state,
 )
+from fusion.engine.cluster import connect, storage, torch_trainer, worker_start
+from fusion.engine.fingerprints import run_name
+from fusion.engine.phase_export import finish, pass_through
+from fusion.engine.reporting import Sink, reporter
+from fusion.engine.start import NO_START, Start, phase_weights
 from fusion.engine.trainer import Hooks, Trainer
 from fusion.errors import FusionError, TransientError
+from fusion.files import read_if_file
 from fusion.params import Params
 
 
@@ -61,14 +54,6 @@ class RunStore:
 
     fs: Any  # pyarrow filesystem
     root: str  # <storage>/<run name>
-
-    def _read(self, path: str) -> bytes | None:
-        import pyarrow.fs as pafs
-
-        if self.fs.get_file_info(path).type != pafs.FileType.File:
-            return None
-        with self.fs.open_input_stream(path) as fh:
-            return fh.read()
 
     def steps(self) -> list[str]:
         """Checkpoint folders of every attempt, by step (then attempt), oldest first."""
@@ -92,11 +77,11 @@ class RunStore:
 
     def load(self, folder: str) -> dict[str, Any]:
         """A checkpoint's state, verified against its manifest (FusionError if bad)."""
-        reason = check_state(self._read(f"{folder}/{MANIFEST}"),
-                             self._read(f"{folder}/{STATE_FILE}"))
+        reason = check_state(read_if_file(self.fs, f"{folder}/{MANIFEST}"),
+                             read_if_file(self.fs, f"{folder}/{STATE_FILE}"))
         if reason:
             raise FusionError(f"not a good training checkpoint ({reason})")
-        return read_state(self._read(f"{folder}/{STATE_FILE}"), folder)
+        return read_state(read_if_file(self.fs, f"{folder}/{STATE_FILE}"), folder)
 
     def newest(self) -> dict[str, Any] | None:
         return newest_good(self.steps(), self.load, self.root.rsplit("/", 1)[-1])
@@ -118,31 +103,16 @@ class RunStore:
             self.fs.delete_dir(folder)
 
 
-def shipped(params: Params) -> Params:
-    """Params for workers, which may run elsewhere (another cwd, another environment): a
-    local dataset path made absolute (an s3:// one is read by every node as it is), and
-    the S3 endpoint this process resolves (``$AWS_ENDPOINT_URL`` when
-    ``ray.storage_endpoint`` is empty) written in: a node started without that variable
-    would otherwise look for the bucket on AWS."""
-    from fusion.s3 import s3_endpoint
-
-    t, r = params.train, params.ray
-    data = t.data if "://" in t.data else str(Path(t.data).resolve())
-    return replace(params, train=replace(t, data=data),
-                   ray=replace(r, storage_endpoint=s3_endpoint(r.storage_endpoint)))
-
-
 def _worker(config: dict[str, Any]) -> None:
     """One DDP worker: build the trainer, resume from the newest good checkpoint of the run,
     run the shared loop, report metrics and checkpoints."""
     import ray.train
     import ray.train.torch
 
-    params: Params = config["params"]
+    params, rank, world, device, stream = worker_start(config)
     phase: int = config["phase"]
     fault: Fault | None = config["fault"]
     store: RunStore = config["store"]
-    rank, world, device = worker_setup(params)
     trainer = Trainer(params, phase, device, init=config["init"],
                       wrap=ray.train.torch.prepare_model)
     state = store.newest()
@@ -150,7 +120,6 @@ def _worker(config: dict[str, Any]) -> None:
         trainer.load(state)
         if rank == 0:
             print(f"phase {phase}: resuming from step {trainer.step}", file=sys.stderr)
-    stream = worker_batches(params, config["layout"], world)
     sink: Sink | None = config["sink"] if rank == 0 else None
     shown = reporter(phase, trainer.steps, sink) if rank == 0 else Hooks()
 
@@ -212,18 +181,13 @@ def train_ray(params: Params, phase: int, start: Start = NO_START, fresh: bool =
 def _fit(params: Params, phase: int, start: Start, init: Any, name: str, store: RunStore,
          attempt: str, fault: Fault | None, sink: Sink | None) -> Path:
     import ray.train
-    import ray.train.torch
     from ray.train import CheckpointConfig
 
     t, r = params.train, params.ray
-    datasets, layout, data_config = train_dataset(shipped(params))
-    trainer = ray.train.torch.TorchTrainer(
-        _worker,
-        train_loop_config={"params": shipped(params), "phase": phase, "init": init,
-                           "fault": fault, "store": store, "sink": sink, "layout": layout},
-        scaling_config=scaling(params), datasets=datasets, dataset_config=data_config,
-        run_config=run_config(attempt, store.root, store.fs, r.max_failures,
-                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)))
+    trainer = torch_trainer(
+        _worker, params, {"phase": phase, "init": init, "fault": fault, "store": store,
+                          "sink": sink}, attempt, store.root, store.fs,
+        checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints))
     print(f"phase {phase}: Ray Train run {name}/{attempt} ({r.num_workers} worker(s)) -> "
           f"{r.storage_path}", file=sys.stderr)
     try:

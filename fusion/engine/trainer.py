@@ -19,15 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusion.engine.checkpoint import Weights
+from fusion.engine.exports import Weights
 from fusion.models import losses
 from fusion.params import Params
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _cosine(total: int, floor: float) -> Callable[[int], float]:
@@ -54,15 +48,15 @@ class Trainer:
                  wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> None:
         family = params.family
         self.spec = family.phase(phase)
-        self.impl = family.impl()
-        self.objectives = family.objectives()
+        self.code = family.network_module()
+        self.objectives = family.loss_module()
         self.params, self.phase = params, phase
         self.weights = family.loss(params.config, phase)
         self.device = torch.device(device)
         t = params.train
         torch.manual_seed(t.seed)
-        self.model = self.impl.build(params.config.net)
-        self.critic = self.impl.build_critic(params.config.net) if self.spec.adversarial else None
+        self.model = self.code.build(params.config.net)
+        self.critic = self.code.build_critic(params.config.net) if self.spec.adversarial else None
         if init is not None:  # the previous phase's export, or a warm start
             net_sd, critic_sd = init
             self.model.load_state_dict(net_sd)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +27,11 @@ from PIL import Image
 
 from fusion.data.pairs import files_by_stem, read_names
 from fusion.errors import FusionError
-from fusion.evaluation import EIGHT
 from fusion.evaluation.gain import means
 from fusion.evaluation.scoring import format_table, read_grey, score_arrays
 from fusion.files import Output, replacing, write_text
 from fusion.inference.fuse import Engine, fuse_files
+from fusion.metric_names import EIGHT
 from fusion.params import BenchmarkSet, Params
 from fusion.progress import progress
 
@@ -54,6 +54,21 @@ class Candidate:
 def baselines(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
     """The trivial fusions every model is measured against."""
     return {"mean": np.round((a + b) / 2), "max": np.maximum(a, b)}
+
+
+def with_sets(params: Params, specs: list[str]) -> Params:
+    """``NAME=A_DIR:B_DIR[:NAMES_FILE]`` specs (``fusion evaluate --sets``) in place of
+    ``evaluate.sets``; no specs: the params as they are."""
+    if not specs:
+        return params
+    sets = []
+    for item in specs:
+        name, sep, dirs = item.partition("=")
+        parts = dirs.split(":")
+        if not sep or not name or len(parts) not in (2, 3):
+            raise FusionError(f"--sets {item!r}: expected NAME=A_DIR:B_DIR[:NAMES_FILE]")
+        sets.append(BenchmarkSet(name, *parts))
+    return replace(params, evaluate=replace(params.evaluate, sets=sets))
 
 
 def set_pairs(bench: BenchmarkSet) -> list[tuple[str, Path, Path]]:

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from fusion.evaluation import LOWER_IS_BETTER
+from fusion.metric_names import LOWER_IS_BETTER
 
 
 def means(values: list[dict[str, float]]) -> dict[str, float]:

@@ -38,7 +38,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fusion.evaluation import METRICS
+from fusion.metric_names import METRICS
 from fusion.params import MetricParams as MetricOptions
 
 EPS = 1e-10

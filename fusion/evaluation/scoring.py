@@ -17,9 +17,9 @@ import numpy as np
 from fusion.data.images import DEFAULT_MAX_PIXELS, max_value, read_image
 from fusion.data.pairs import files_by_stem, match_stems
 from fusion.errors import BadInputError
-from fusion.evaluation import METRICS
 from fusion.evaluation.gain import means
 from fusion.files import write_text
+from fusion.metric_names import METRICS
 from fusion.params import MetricParams
 from fusion.progress import progress
 

@@ -9,12 +9,10 @@ fusion", so metrics on different scales combine.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
+from fusion.data.prepared import split_pairs
 from fusion.errors import FusionError
 from fusion.evaluation.evaluate import baselines
 from fusion.evaluation.gain import means, weighted_gain
@@ -30,25 +28,10 @@ def held_out_pairs(params: Params) -> list[tuple[str, np.ndarray, np.ndarray]]:
     arrays: the manifest is wherever ``train.data`` is (a folder or S3), the images are
     under ``data.raw`` on this machine, and the trials that score them may run on nodes
     that have neither."""
-    from fusion.engine.batches import source
-
-    src = source(params.train.data, params.ray.storage_endpoint)
-    manifest = f"{src.uri.rstrip('/')}/manifest.parquet"
-    data = src.read("manifest.parquet")
-    if data is None:
-        raise FusionError(f"{manifest}: no prepared dataset (run `fusion prepare` first)")
-    roots = {Path(r).name: Path(r).resolve().parent for r in params.data.raw}
-    pairs = []
-    for row in pq.read_table(pa.BufferReader(data)).to_pylist():
-        if row["split"] != "val":
-            continue
-        base = roots.get(Path(row["a_path"]).parts[0])
-        if base is None:
-            raise FusionError(f"{manifest}: pair {row['id']} is not under any data.raw root")
-        pairs.append((row["id"], base / row["a_path"], base / row["b_path"]))
+    pairs = split_pairs(params.train.data, params.ray.storage_endpoint, "val", params.data.raw)
     if not pairs:
-        raise FusionError(f"{manifest}: no held-out (split 'val') pairs to score a search "
-                          "trial on; raise data.val_ratio")
+        raise FusionError(f"{params.train.data}: no held-out (split 'val') pairs to score a "
+                          "search trial on; raise data.val_ratio")
     limit = params.search.val_pairs
     return [(pair, read_grey(a), read_grey(b)) for pair, a, b in
             (pairs[:limit] if limit else pairs)]

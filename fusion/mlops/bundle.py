@@ -13,10 +13,12 @@ from pathlib import Path
 
 import yaml
 
-from fusion.engine.checkpoint import CONFIG_FILE, MODEL_FILE, read_config
+from fusion.data.prepared import MANIFEST
+from fusion.engine.exports import CONFIG_FILE, MODEL_FILE, read_config
 from fusion.errors import FusionError
-from fusion.files import Output, replacing, sha256_file
-from fusion.mlops.tracking import check_evaluated, git_commit
+from fusion.files import Output, replacing
+from fusion.mlops.provenance import git_commit, sha_or_missing
+from fusion.mlops.register import check_evaluated
 from fusion.params import Params
 
 PROVENANCE = "PROVENANCE.md"
@@ -53,8 +55,6 @@ def bundle(params: Params, out: Path | None = None) -> Path:
 
 
 def _provenance(params: Params, config: dict, digest: str) -> str:
-    manifest = Path(params.data.out) / "manifest.parquet"
-    lock = Path("dvc.lock")
     sets = ", ".join(f"{s.name} ({s.a})" for s in params.evaluate.sets)
     return (f"# Bundled {params.model.family} checkpoint\n\n"
             f"- made: {datetime.now(UTC):%Y-%m-%d %H:%M UTC} by `fusion bundle` after "
@@ -62,9 +62,8 @@ def _provenance(params: Params, config: dict, digest: str) -> str:
             f"- code: git commit {git_commit()}\n"
             f"- data: {', '.join(params.data.raw)}; excluded (never trained on): "
             f"{', '.join(params.data.exclude) or 'none'}\n"
-            f"- prepared manifest sha256: "
-            f"{sha256_file(manifest) if manifest.exists() else 'missing'}\n"
-            f"- dvc.lock sha256: {sha256_file(lock) if lock.exists() else 'missing'}\n"
+            f"- prepared manifest sha256: {sha_or_missing(Path(params.data.out) / MANIFEST)}\n"
+            f"- dvc.lock sha256: {sha_or_missing(Path('dvc.lock'))}\n"
             f"- training: steps {config.get('steps')} in the last phase, run "
             f"{config.get('run', '?')}, from scratch\n"
             f"- weights sha256: {digest}\n"

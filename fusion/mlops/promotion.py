@@ -36,7 +36,9 @@ from typing import Any
 
 from fusion.errors import FusionError
 from fusion.evaluation.gain import relative_gain, weighted_gain
-from fusion.mlops.tracking import CHALLENGER, CHAMPION, REGISTRATION, answering, connect
+from fusion.mlops.connection import answering, connect
+from fusion.mlops.model_refs import CHALLENGER, CHAMPION
+from fusion.mlops.register import REGISTRATION
 from fusion.params import Params, PromoteParams
 
 
@@ -126,7 +128,7 @@ def _scores(params: Params, versions: dict[str, str]) -> dict[str, dict[str, dic
     baselines, fused and scored on the promotion sets."""
     from fusion.evaluation.evaluate import Candidate, score_sets
     from fusion.inference.fuse import TileSpec, TorchEngine
-    from fusion.mlops.registry import load_ref
+    from fusion.mlops.model_refs import load_ref
 
     wanted = params.promote.sets
     sets = [s for s in params.evaluate.sets if not wanted or s.name in wanted]

@@ -26,17 +26,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fusion.engine.cluster import (
-    connect,
-    run_config,
-    scaling,
-    storage,
-    train_dataset,
-    worker_batches,
-    worker_setup,
-)
-from fusion.engine.ray_runner import shipped
-from fusion.engine.runs import NO_START, Start, phase_weights
+from fusion.engine.cluster import connect, shipped, storage, torch_trainer, worker_start
+from fusion.engine.start import NO_START, Start, phase_weights
 from fusion.errors import FusionError
 from fusion.params import ModelParams, Params, update_params_file
 
@@ -88,10 +79,8 @@ def _trial_worker(config: dict[str, Any]) -> None:
     from fusion.evaluation.validation import ValidationScore
     from fusion.inference.fuse import TorchEngine
 
-    params: Params = config["params"]
+    params, rank, world, device, stream = worker_start(config)
     start: Start = config["start"]
-    rank, world, device = worker_setup(params)
-    stream = worker_batches(params, config["layout"], world)
     phases = [n for n in range(1, len(params.family.phases) + 1)
               if params.family.runs_phase(n, start.warm)]
     weights = config["init"]
@@ -117,20 +106,15 @@ def _trial_worker(config: dict[str, Any]) -> None:
 
 def _trial(config: dict[str, Any], base: Params, val: list, start: Start, init: Any) -> None:
     """A Tune trial: one Ray Train run (Train V2 pattern), its reports forwarded to Tune."""
-    import ray.train.torch
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    params = trial_params(base, config)
     root, fs = storage(base)
     trial_id = tune.get_context().get_trial_id()
-    datasets, layout, data_config = train_dataset(params)
-    trainer = ray.train.torch.TorchTrainer(
-        _trial_worker, train_loop_config={"params": params, "val": val, "start": start,
-                                          "init": init, "layout": layout},
-        scaling_config=scaling(params), datasets=datasets, dataset_config=data_config,
-        run_config=run_config(f"search-{study_name(base)}-{trial_id}", root, fs,
-                              base.ray.max_failures, callbacks=[TuneReportCallback()]))
+    trainer = torch_trainer(_trial_worker, trial_params(base, config),
+                            {"val": val, "start": start, "init": init},
+                            f"search-{study_name(base)}-{trial_id}", root, fs,
+                            callbacks=[TuneReportCallback()])
     trainer.fit()
 
 
@@ -171,8 +155,8 @@ def run_search(params: Params, trials: int | None = None, study: str | None = No
     import mlflow
 
     from fusion.evaluation.validation import held_out_pairs
-    from fusion.mlops.tracking import answering
-    from fusion.mlops.tracking import connect as mlflow_connect
+    from fusion.mlops.connection import answering
+    from fusion.mlops.connection import connect as mlflow_connect
 
     s = params.search
     trials = trials or s.trials

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fusion.models.registry import Family, Phase, WeightRange, register_family
+from fusion.family import Family, Phase, WeightRange, register_family
 
 
 @dataclass(frozen=True)
@@ -110,4 +110,4 @@ FAMILY = register_family(Family(
                                 "decoder_blocks": 4, "disc_channels": 64,
                                 "fusion_head": "decoder"}}},
     pretrained="pretrained",
-))
+), default=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fusion.models.registry import Family, Phase, WeightRange, register_family
+from fusion.family import Family, Phase, WeightRange, register_family
 
 
 @dataclass(frozen=True)

@@ -5,5 +5,5 @@ ones) and listed as the train stages' code deps in dvc.yaml, which reads this fi
 DVC's ``vars`` (DVC parses it, it never runs it): keep it a plain literal.
 """
 
-TRAINING_CODE = {"models": "fusion/models", "engine": "fusion/engine",
-                 "shards": "fusion/data/shards.py"}
+TRAINING_CODE = {"models": "fusion/models", "family": "fusion/family.py",
+                 "engine": "fusion/engine", "shards": "fusion/data/shards.py"}

@@ -2,6 +2,6 @@
 
 from mlflow.models import set_model
 
-from fusion.mlops.registry import pyfunc_class
+from fusion.mlops.pyfunc import pyfunc_class
 
 set_model(pyfunc_class()())

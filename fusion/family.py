@@ -1,6 +1,9 @@
-"""The model registry: every fusion family the pipeline can train, by name (as timm's models).
+"""The family registry: every fusion family the pipeline can train, by name (as timm's
+models). A base module: it describes families as data and never imports one, so params can
+type each family's section without any stage knowing networks.
 
-A family registers, once, from its own folder:
+A family registers, once, from its own folder under ``fusion/models/`` (importing
+``fusion.models`` registers them all; the CLI, the flows and the workers do):
 
 - ``config``: the dataclass of its ``model.<family>`` section in params.yaml: network sizes
   (``net``), the loss weights of each phase (``phase1``, ``phase2`` ...) and the default
@@ -12,8 +15,9 @@ A family registers, once, from its own folder:
   ``losses``: its training objectives, ``losses_for(phase, a, b, outputs, weights,
   critic_logits)`` (imported only to train).
 
-``create_model`` and ``list_families`` are the registry's face; the engine, inference,
-evaluation and MLOps code only ever ask the registry, never a family by name.
+``get_family`` and ``list_families`` (and ``fusion.models.create_model``) are the registry's
+face; the engine, inference, evaluation and MLOps code only ever ask the registry, never a
+family by name.
 """
 
 from __future__ import annotations
@@ -67,12 +71,13 @@ class Family:
     pretrained: str = ""  # bundled starting checkpoint, relative to the family folder
     explains: bool = False  # the network offers ``explain(a, b)`` (e.g. contribution maps)
 
-    def impl(self) -> ModuleType:
-        """The family's network module (imported on first use)."""
+    def network_module(self) -> ModuleType:
+        """The family's network code: ``build(net)``, ``build_critic(net)`` (imported on
+        first use)."""
         return importlib.import_module(self.module)
 
-    def objectives(self) -> ModuleType:
-        """The family's losses module (imported on first use)."""
+    def loss_module(self) -> ModuleType:
+        """The family's losses: ``losses_for(...)`` (imported on first use)."""
         return importlib.import_module(self.losses)
 
     def phase(self, number: int) -> Phase:
@@ -117,44 +122,47 @@ class Family:
         return folder if (folder / "config.json").exists() else None
 
 
-DEFAULT_FAMILY = "dae-fuse"  # model.family when params.yaml does not name one
 _FAMILIES: dict[str, Family] = {}
+_DEFAULT: list[str] = []  # the family params.yaml's model.family names when it names none
 
 
-def register_family(family: Family) -> Family:
-    """Add a family (called by each family's package); a name registers once."""
+def register_family(family: Family, default: bool = False) -> Family:
+    """Add a family (called by each family's package); a name registers once. ``default``:
+    the family ``model.family`` names when params.yaml names none."""
     if family.name in _FAMILIES and _FAMILIES[family.name] is not family:
         raise ValueError(f"model family {family.name!r} is registered twice")
     _FAMILIES[family.name] = family
+    if default and family.name not in _DEFAULT:
+        _DEFAULT.append(family.name)
     return family
 
 
-def _load() -> None:
-    import fusion.models  # noqa: F401  (its __init__ imports every family package)
+def _registered() -> dict[str, Family]:
+    if not _FAMILIES:
+        raise FusionError("no model family is registered: import fusion.models first (the "
+                          "CLI, the flows and the workers do)")
+    return _FAMILIES
 
 
 def list_families() -> list[str]:
-    _load()
-    return sorted(_FAMILIES)
+    return sorted(_registered())
+
+
+def default_family() -> str:
+    _registered()
+    return _DEFAULT[0]
 
 
 def get_family(name: str) -> Family:
-    _load()
     try:
-        return _FAMILIES[name]
+        return _registered()[name]
     except KeyError:
         raise FusionError(f"unknown model family {name!r}; known: {sorted(_FAMILIES)}") from None
 
 
-def create_model(family: str, net: Any = None, **sizes: Any):
-    """Build a family's fusion network (untrained), from its default sizes, the ``net``
-    dataclass given, and/or keyword overrides of single sizes (``channels=16``)."""
+def profile_update(family: str, name: str) -> dict[str, Any]:
+    """A family's named profile (e.g. ``paper`` sizes) as a params update."""
     fam = get_family(family)
-    if net is None:
-        net = fam.config().net
-    if sizes:
-        from dataclasses import replace
-
-        net = replace(net, **sizes)
-    return fam.impl().build(net)
-
+    if name not in fam.profiles:
+        raise FusionError(f"{family}: no profile {name!r}; known: {sorted(fam.profiles)}")
+    return {"model": {family: fam.profiles[name]}}

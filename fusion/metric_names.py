@@ -1,0 +1,7 @@
+"""The names of the fusion metrics, torch-free: params checks metric weights against them
+and evaluation computes them, without either importing the other."""
+
+EIGHT = ("EN", "SD", "SF", "MI", "SCD", "VIF", "Qabf", "SSIM")  # what papers report
+EXTRAS = ("AG", "CC", "MSE", "PSNR")
+METRICS = EIGHT + EXTRAS
+LOWER_IS_BETTER = frozenset({"MSE"})
