@@ -156,8 +156,12 @@ def test_kubernetes_flow_pods_carry_the_ray_token_and_the_s3_secret():
     assert env["RAY_AUTH_MODE"]["value"] == "token"
     assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {
         "name": cluster["spec"]["authOptions"]["secretName"], "key": "auth_token"}
+    # S3 and MLflow clients, with the pipeline's own S3 user (the Ray pods have theirs)
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert container["envFrom"] == head["envFrom"]  # the same S3 secret as the Ray pods
+    secrets = {ref["secretRef"]["name"] for ref in container["envFrom"]}
+    assert secrets == {"fusion-s3-pipeline", "fusion-mlflow-pipeline"}
+    assert {ref["secretRef"]["name"] for ref in head["envFrom"]} == {
+        "fusion-s3-ray", "fusion-mlflow-pipeline"}
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(INFRA).as_posix()
