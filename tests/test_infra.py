@@ -635,6 +635,30 @@ def test_kubernetes_pool_template_fixes_image_command_and_namespace():
         template["variables"]["properties"])
 
 
+def test_kubernetes_pool_template_ignores_hostile_job_variables():
+    """With prefect-kubernetes installed (the Kubernetes worker's package, not a project
+    dependency: skipped here otherwise), what a deployment or run asks for changes nothing."""
+    pytest.importorskip("prefect_kubernetes")
+    import uuid
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    template = json.loads((INFRA / "prefect/k8s-base-job-template.json").read_text())
+    hostile = {"image": "attacker/evil:1", "command": "sh -c evil", "namespace": "kube-system",
+               "env": {"GIT_SSH_COMMAND": "sh -c evil"}, "service_account_name": "admin"}
+    config = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(
+        template, hostile, client=_NoClient()))
+    config.prepare_for_flow_run(FlowRun(id=uuid.uuid4(), flow_id=uuid.uuid4(), name="run"))
+    pod = config.job_manifest["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert config.namespace == config.job_manifest["metadata"]["namespace"] == "fusion"
+    assert container["args"] == GUARD.split() and "command" not in container
+    assert container["image"] == f"{PROJECT_IMAGE}:{_project_version()}"
+    assert "GIT_SSH_COMMAND" not in {e["name"] for e in container["env"]}
+    assert "serviceAccountName" not in pod
+
+
 # --- security: Kubernetes ------------------------------------------------------------------
 
 def _k8s_pods() -> list[tuple[str, dict]]:
