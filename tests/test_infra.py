@@ -323,8 +323,7 @@ def test_mlflow_requires_a_user_and_its_clients_have_one():
 
     import mlflow.environment_variables as mlflow_env
 
-    # two modules of mlflow.server, read without importing the server (nor the basic-auth
-    # app, whose Flask-WTF only the image has)
+    # two modules of mlflow.server, read without importing the server
     auth_config = _mlflow_module("server/auth/config.py")
     is_allowed_host_header = _mlflow_module("server/security_utils.py").is_allowed_host_header
     services = _compose()["services"]
@@ -350,12 +349,12 @@ def test_mlflow_requires_a_user_and_its_clients_have_one():
     assert _var(env["MLFLOW_AUTH_ADMIN_USERNAME"]) == "MLFLOW_ADMIN_USERNAME"
     assert _var(env["MLFLOW_AUTH_ADMIN_PASSWORD"]) == "MLFLOW_ADMIN_PASSWORD"
     assert _var(env["MLFLOW_FLASK_SERVER_SECRET_KEY"]) == "MLFLOW_FLASK_SECRET_KEY"
-    # the basic-auth app's extra (mlflow[auth]) is not in uv.lock: the image adds it
+    # the basic-auth app's extra comes with the project: the image's `uv sync` installs it
     wanted = {re.split(r"[<>=!~; ]", r)[0].lower() for r in importlib.metadata.requires("mlflow")
               if 'extra == "auth"' in r}
-    pinned = set(re.findall(r"^([\w.-]+)==", (INFRA / "mlflow/requirements-auth.txt").read_text(),
-                            re.M))
-    assert wanted and wanted <= pinned
+    lock = (REPO / "uv.lock").read_text()
+    assert '"mlflow[auth]' in (REPO / "pyproject.toml").read_text()
+    assert wanted and all(f'name = "{name}"' in lock for name in wanted)
     # its clients in the stack: the pipeline's user (created by `mlflow-users`), not admin
     allowed = next(a for a in command if a.startswith("--allowed-hosts=")).split("=", 1)[1]
     clients = {n: s["environment"] for n, s in services.items()
@@ -941,14 +940,12 @@ def test_every_image_is_pinned():
 def test_pip_installs_are_pinned_with_hashes():
     text = (INFRA / "Dockerfile").read_text()
     installs = re.findall(r"\bpip install\b([^&\n\\]*(?:\\\n[^&\n\\]*)*)", text)
-    assert len(installs) == 2  # uv itself, then what MLflow's auth app needs
+    assert len(installs) == 1  # uv itself; everything else comes from uv.lock
     for args in installs:
         args = args.replace("\\\n", " ")
         assert "--require-hashes" in args, args
         (requirements,) = re.findall(r"-r\s+(\S+)", args)
-        path = REPO / ("infra/mlflow/requirements-auth.txt"
-                       if requirements.endswith("requirements-auth.txt")
-                       else "infra/uv-requirements.txt")
+        path = REPO / "infra" / Path(requirements).name
         lines = path.read_text().replace("\\\n", " ").splitlines()
         specs = [line for line in lines if line.strip() and not line.startswith("#")]
         assert specs, path
