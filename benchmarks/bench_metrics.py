@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fusion.evaluation import metrics  # noqa: E402
+from fusion import metrics  # noqa: E402
 from fusion.evaluation.scoring import read_grey  # noqa: E402
 from fusion.metric_names import EIGHT  # noqa: E402
 from tests import reference_metrics as ref  # noqa: E402

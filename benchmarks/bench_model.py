@@ -1,6 +1,8 @@
 """Every family at its default (CPU) and paper sizes: parameters, GFLOPs per 640x480 pair,
 seconds and peak memory per 768x576 pair (TNO 01, through the engines `fusion fuse` runs:
-torch, and onnxruntime for the defaults), and training patches/s per phase (128x128, batch 8).
+torch, and onnxruntime for the defaults), and the cost of training, per phase: GFLOPs per
+128x128 training patch (forward and backward of one step, losses included, divided by the
+batch of 8) and training patches/s.
 
 Each measurement runs in its own process (peak RSS is that setup's alone).
 Usage: python benchmarks/bench_model.py [--threads 2] [--repeat 3] [--families a,b]
@@ -19,7 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TNO = ROOT.parent / "shared" / "data" / "tno"
 
 
-
 def best_of(run, repeat: int) -> float:
     """Seconds of the fastest of ``repeat`` calls, after one warm-up call."""
     run()
@@ -29,6 +30,7 @@ def best_of(run, repeat: int) -> float:
         run()
         times.append(time.perf_counter() - t0)
     return min(times)
+
 
 def measure(family: str, profile: str, threads: int, repeat: int, onnx: bool,
             train: bool) -> dict:
@@ -79,11 +81,14 @@ def measure(family: str, profile: str, threads: int, repeat: int, onnx: bool,
         for phase in (1, 2):
             trainer = Trainer(params, phase)
             pa, pb = torch.rand(8, 1, 128, 128), torch.rand(8, 1, 128, 128)
-            trainer.train_step(pa, pb)
-            t0 = time.perf_counter()
-            for _ in range(repeat):
+            with FlopCounterMode(display=False) as counter:
                 trainer.train_step(pa, pb)
-            out[f"train{phase}_patches_s"] = 8 * repeat / (time.perf_counter() - t0)
+            out[f"train{phase}_gflops_patch"] = counter.get_total_flops() / 8 / 1e9
+            steps = repeat if profile == "default" else 1  # paper sizes: seconds per step
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                trainer.train_step(pa, pb)
+            out[f"train{phase}_patches_s"] = 8 * steps / (time.perf_counter() - t0)
     return out
 
 
@@ -98,7 +103,7 @@ def main() -> None:
     if args.child:
         family, profile = args.child.split(":")
         print(json.dumps(measure(family, profile, args.threads, args.repeat,
-                                 onnx=profile == "default", train=profile == "default")))
+                                 onnx=profile == "default", train=True)))
         return
     rows = []
     for family in args.families.split(","):
@@ -109,7 +114,8 @@ def main() -> None:
                                   check=True)
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     keys = ["params_M", "gflops_640x480", "torch_s_768x576", "onnx_s_768x576",
-            "peak_rss_MiB", "train1_patches_s", "train2_patches_s"]
+            "peak_rss_MiB", "train1_gflops_patch", "train1_patches_s", "train2_gflops_patch",
+            "train2_patches_s"]
     print(f"torch threads: {args.threads}\n")
     print("| family | size | " + " | ".join(keys) + " |")
     print("|---|---|" + "---:|" * len(keys))

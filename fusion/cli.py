@@ -21,6 +21,7 @@ import fusion.models  # noqa: F401  (registers the families: params types their 
 from fusion import __version__
 from fusion.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, BadInputError, FusionError, TransientError
 from fusion.files import write_text
+from fusion.inference.rules import METHODS
 from fusion.params import Params, load_params
 from fusion.progress import QUIET_ENV
 
@@ -106,10 +107,17 @@ def _fuse(args: argparse.Namespace, params: Params) -> int:
         output_format(out, spec.bits, spec.colour)
         if args.explain:
             output_format(Path(args.explain), 8, False)
-    from fusion.mlops.model_refs import open_engine
+    if bool(args.model) == bool(args.method):
+        raise FusionError("fuse: give a model (--model) or a training-free method (--method)")
+    if args.method:
+        from fusion.inference.rules import TwoScaleEngine
 
-    engine = open_engine(params, args.model, args.engine, args.device or "",
-                         TileSpec(args.tile, args.halo), args.threads)
+        engine = TwoScaleEngine(params.evaluate.two_scale)
+    else:
+        from fusion.mlops.model_refs import open_engine
+
+        engine = open_engine(params, args.model, args.engine, args.device or "",
+                             TileSpec(args.tile, args.halo), args.threads)
     if args.explain and not engine.explains:
         raise FusionError(f"--explain: {args.model} has no contribution map (families that "
                           "have one: see `fusion fuse --help`)")
@@ -289,9 +297,12 @@ STAGES = (
         arg("--local", action="store_true",
             help="train in this process without Ray (same loop; for debugging)"))),
     Stage("fuse", "fuse one pair or two folders of pairs with a trained model", _fuse, (
-        arg("--model", required=True,
+        arg("--model", default=None,
             help="exported model folder, MLflow URI (models:/<name>@champion), @alias of the "
                  "active family, or an .onnx file (--engine onnxruntime)"),
+        arg("--method", choices=METHODS, default=None,
+            help="a training-free method instead of a model: two-scale, the brighter "
+                 "source's Gaussian base plus both sources' detail (evaluate.two_scale)"),
         arg("--a", required=True, help="source A image or folder (ir / mri)"),
         arg("--b", required=True, help="source B image or folder (vi / ct / pet ...)"),
         arg("-o", "--output", required=True,
@@ -314,7 +325,8 @@ STAGES = (
         arg("--onnx", required=True, metavar="FILE", help="ONNX file to write"),
         arg("--opset", type=int, default=18, help="ONNX opset (default 18)"))),
     Stage("evaluate", "fuse and score the benchmark sets with one or more models side by "
-          "side, with the mean and max fusion baselines", _evaluate, (
+          "side, with the mean, max and two-scale baselines, raw and under the published "
+          "protocol", _evaluate, (
               arg("--model", action="append", default=None, metavar="REF",
                   help="model to evaluate (folder or MLflow URI; repeatable: models side by "
                        "side, the first is 'model'); default: evaluate.model + .compare"),

@@ -160,9 +160,16 @@ def get_family(name: str) -> Family:
         raise FusionError(f"unknown model family {name!r}; known: {sorted(_FAMILIES)}") from None
 
 
+TOP_LEVEL = ("train",)  # profile keys that set a section of params.yaml, not the family's
+
+
 def profile_update(family: str, name: str) -> dict[str, Any]:
-    """A family's named profile (e.g. ``paper`` sizes) as a params update."""
+    """A family's named profile as a params update: sizes and loss weights go to its section
+    (``paper`` sizes), ``train`` to the train section (``hour``: the step counts that make
+    an hour of training on 2 cores for this family)."""
     fam = get_family(family)
     if name not in fam.profiles:
         raise FusionError(f"{family}: no profile {name!r}; known: {sorted(fam.profiles)}")
-    return {"model": {family: fam.profiles[name]}}
+    profile = fam.profiles[name]
+    own = {k: v for k, v in profile.items() if k not in TOP_LEVEL}
+    return {**{k: profile[k] for k in TOP_LEVEL if k in profile}, "model": {family: own}}

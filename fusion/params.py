@@ -142,6 +142,19 @@ def _default_sets() -> list[BenchmarkSet]:
 
 
 @dataclass(frozen=True)
+class TwoScaleParams:
+    """The training-free two-scale rule (``fusion fuse --method two-scale``, the baseline
+    ``two-scale`` of every report and the default promotion floor)."""
+
+    sigma: float = 3.0  # Gaussian sigma (pixels) that splits base from detail
+    ceiling: float = 0.05  # at most (1 + ceiling) x the brighter source: no halo, dark stays dark
+
+    def __post_init__(self) -> None:
+        if self.sigma <= 0 or self.ceiling < 0:
+            raise FusionError("evaluate.two_scale: sigma must be positive, ceiling >= 0")
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     """The ``evaluate`` section: which sets to fuse and score, and where reports go."""
 
@@ -153,6 +166,7 @@ class EvaluateParams:
     summary: str = "reports/metrics"  # <set>.json, <set>-mean.json ... for `dvc metrics show`
     grid_rows: int = 4  # pairs shown per grid image
     tile: int = 1024
+    two_scale: TwoScaleParams = field(default_factory=TwoScaleParams)
 
 
 @dataclass(frozen=True)
@@ -198,7 +212,8 @@ def _default_weights() -> list[MetricWeight]:
         MetricWeight(m, 0.5) for m in ("MI", "SCD")]
 
 
-FLOORS = ("mean", "max", "none")
+BASELINES = ("mean", "max", "two-scale")  # training-free fusions every report shows
+FLOORS = (*BASELINES, "none")
 
 
 @dataclass(frozen=True)
@@ -207,7 +222,7 @@ class PromoteParams:
 
     weights: list[MetricWeight] = field(default_factory=_default_weights)
     sets: list[str] = field(default_factory=list)  # evaluate.sets names; empty: all of them
-    floor: str = "mean"  # the challenger must beat this baseline on every set (none: off)
+    floor: str = "two-scale"  # the challenger must beat this baseline on every set (none: off)
     min_improvement: float = 0.0  # weighted mean relative gain the challenger needs
     max_drop: float = 0.05  # no weighted metric may get worse by more (relative), on any set
 
@@ -231,11 +246,15 @@ class SearchParams:
     reduction_factor: int = 2  # ASHA keeps the best 1/N of the trials at each milestone
     val_pairs: int = 8  # held-out pairs (split "val" of the manifest) scored; 0: all
     score: list[MetricWeight] = field(default_factory=_default_weights)
+    baseline: str = "two-scale"  # the score is the weighted relative gain over this baseline
     out: str = "reports/search"  # best.json, trials.csv, optuna.db
     write_params: str = "params.yaml"  # best loss weights written here; "": best.json only
 
     def __post_init__(self) -> None:
         _check_weights(self.score, "search.score")
+        if self.baseline not in BASELINES:
+            raise FusionError(f"search.baseline must be one of {BASELINES}, got "
+                              f"{self.baseline!r}")
         if min(self.trials, self.max_concurrent, self.eval_every, *self.steps) < 1:
             raise FusionError("search: trials, max_concurrent, steps and eval_every must be >= 1")
 

@@ -1,6 +1,6 @@
 """Independent NumPy/SciPy computations of the metric definitions, for agreement tests.
 
-Written straight from the definitions in fusion/evaluation/metrics.py's docstring (loops and scipy's
+Written straight from the definitions in fusion/metrics.py's docstring (loops and scipy's
 convolve2d, float64), deliberately sharing no code with the torch implementation.
 """
 

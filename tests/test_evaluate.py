@@ -62,3 +62,69 @@ def test_a_bad_sets_option_is_explained(capsys):
 
     assert main(["evaluate", "--sets", "tno=only_one_dir"]) == 2
     assert "expected NAME=A_DIR:B_DIR[:NAMES_FILE]" in capsys.readouterr().err
+
+
+def test_the_two_scale_baseline_is_the_rule_computed_by_hand():
+    """max of the Gaussian bases plus both details, capped at 1.05 x the brighter source:
+    numpy by hand (separable kernel, reflected borders) against the baseline evaluate
+    scores."""
+    import numpy as np
+
+    from fusion.evaluation.evaluate import baselines
+    from fusion.params import TwoScaleParams
+
+    rng = np.random.default_rng(3)
+    a, b = (np.round(rng.uniform(0, 255, (9, 11))) for _ in range(2))
+    sigma, ceiling = 1.0, 0.05
+    t = np.arange(-3, 4)
+    k = np.exp(-(t / sigma) ** 2 / 2)
+    k /= k.sum()
+
+    def blur(x):
+        x = np.pad(x, 3, mode="reflect")
+        x = np.stack([np.convolve(row, k, mode="valid") for row in x])
+        return np.stack([np.convolve(col, k, mode="valid") for col in x.T]).T
+
+    ua, ub = a / 255, b / 255
+    ga, gb = blur(ua), blur(ub)
+    hand = np.maximum(ga, gb) + (ua - ga) + (ub - gb)
+    hand = np.clip(np.minimum(hand, (1 + ceiling) * np.maximum(ua, ub)), 0, 1)
+    ours = baselines(a, b, TwoScaleParams(sigma, ceiling))["two-scale"]
+    assert np.allclose(ours, hand * 255, rtol=0, atol=1e-9)
+    assert not np.allclose(ours, np.maximum(a, b))  # the details count
+
+
+def test_published_protocol_scores_match_the_published_script(shared_data, tmp_path):
+    """The published protocol (min-max stretch, then the metrics) on a real TNO pair agrees
+    within 0.5 % with the published test script's own steps: the float output stretched,
+    saved as an 8-bit PNG (imageio's rounding), scored by the reference evaluator."""
+    import numpy as np
+
+    from fusion.evaluation.evaluate import stretched
+    from fusion.evaluation.scoring import read_grey, score_arrays
+    from fusion.inference.rules import TwoScaleEngine
+    from fusion.params import TwoScaleParams
+    from tests import reference_metrics as ref
+
+    a = read_grey(shared_data / "tno/ir/05.png")
+    b = read_grey(shared_data / "tno/vi/05.png")
+    fused = TwoScaleEngine(TwoScaleParams())(a / 255, b / 255).astype(np.float64) * 0.8
+    ours = score_arrays(stretched(fused * 255), a, b)  # evaluate's published protocol
+    unit = (fused - fused.min()) / (fused.max() - fused.min())  # the script, on floats
+    theirs = ref.all_eight(np.floor(unit * 255 + 0.499999999), a, b)
+    for name, value in theirs.items():
+        assert ours[name] == pytest.approx(value, rel=0.005), name
+    assert ours["SD"] > score_arrays(np.round(fused * 255), a, b)["SD"]  # it stretches
+
+
+def test_fuse_runs_the_training_free_method(tmp_path):
+    """`fusion fuse --method two-scale` needs no model; it refuses both or neither."""
+    a, b = SAMPLE / "tno/ir/07.png", SAMPLE / "tno/vi/07.png"
+    run = run_cli("fuse", "--method", "two-scale", "--a", str(a), "--b", str(b), "-o",
+                  str(tmp_path / "f.png"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert Image.open(tmp_path / "f.png").size == Image.open(a).size
+    for extra in (["--model", "x", "--method", "two-scale"], []):
+        run = run_cli("fuse", *extra, "--a", str(a), "--b", str(b), "-o",
+                      str(tmp_path / "g.png"), cwd=tmp_path)
+        assert run.returncode == 2 and "--model" in run.stderr and "--method" in run.stderr

@@ -18,7 +18,7 @@ PACKAGE = REPO / "fusion"
 STAGES = ["data", "models", "engine", "inference", "evaluation", "mlops", "cli"]
 # shared by every stage; they import only each other
 BASE = {"errors", "params", "files", "s3", "progress", "chaos", "family", "metric_names",
-        "device"}
+        "metrics", "device"}
 REGISTRY = {PACKAGE / "models/__init__.py"}  # imports each family's folder by name
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusion.evaluation import metrics
+from fusion import metrics
 from fusion.evaluation.scoring import read_grey
 from fusion.metric_names import EIGHT, METRICS
 from tests import reference_metrics as ref

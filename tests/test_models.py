@@ -36,16 +36,16 @@ def test_the_registry_lists_the_three_families():
 def test_any_size_grey_and_rgb(engines, family, size):
     engine = engines[family]
     a = SourceImage(textured(*size, seed=1))
-    grey, _ = fuse_images(engine, a, SourceImage(textured(*size, seed=3)))
-    colour, _ = fuse_images(engine, a, SourceImage(textured(*size, seed=2, rgb=True)))
+    grey = fuse_images(engine, a, SourceImage(textured(*size, seed=3))).pixels
+    colour = fuse_images(engine, a, SourceImage(textured(*size, seed=2, rgb=True))).pixels
     assert grey.shape == size and grey.dtype == np.uint8
     assert colour.shape == (*size, 3)
 
 
 def test_colour_fusion_keeps_the_visible_chroma(engines):
     vis = textured(64, 80, seed=2, rgb=True)
-    fused, _ = fuse_images(engines["dae-fuse"], SourceImage(textured(64, 80, 1)),
-                           SourceImage(vis))
+    fused = fuse_images(engines["dae-fuse"], SourceImage(textured(64, 80, 1)),
+                        SourceImage(vis)).pixels
     cbcr_in, cbcr_out = rgb_to_ycbcr(to_unit(vis))[..., 1:], rgb_to_ycbcr(to_unit(fused))[..., 1:]
     # chroma survives up to 8-bit rounding and the clipping of out-of-gamut colours
     assert np.abs(cbcr_out - cbcr_in).mean() < 0.02
@@ -54,10 +54,10 @@ def test_colour_fusion_keeps_the_visible_chroma(engines):
 def test_grey_content_rgb_gives_grey_and_16_bit_is_kept(engines):
     engine = engines["dae-fuse"]
     grey_rgb = np.repeat(textured(40, 40, seed=4)[..., None], 3, axis=2)
-    out, _ = fuse_images(engine, SourceImage(grey_rgb), SourceImage(textured(40, 40, 5)))
+    out = fuse_images(engine, SourceImage(grey_rgb), SourceImage(textured(40, 40, 5))).pixels
     assert out.ndim == 2
-    deep, _ = fuse_images(engine, SourceImage(textured(40, 40, 6, bits=16)),
-                          SourceImage(textured(40, 40, 7, rgb=True)))
+    deep = fuse_images(engine, SourceImage(textured(40, 40, 6, bits=16)),
+                       SourceImage(textured(40, 40, 7, rgb=True))).pixels
     assert deep.dtype == np.uint16 and deep.shape == (40, 40, 3)  # 16-bit grey IR + RGB
 
 

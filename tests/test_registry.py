@@ -22,11 +22,18 @@ from mlflow import MlflowClient
 from fusion.engine.exports import export_model, load_model, load_weights, weights_digest
 from fusion.errors import FusionError
 from fusion.evaluation.evaluate import Candidate, evaluate
+from fusion.evaluation.gain import weighted_gain
 from fusion.inference.fuse import TorchEngine
 from fusion.mlops.connection import connect
 from fusion.mlops.promotion import promote, rollback
 from fusion.mlops.register import register
-from fusion.params import BenchmarkSet, EvaluateParams, MlflowParams, PromoteParams
+from fusion.params import (
+    BenchmarkSet,
+    EvaluateParams,
+    MlflowParams,
+    ModelParams,
+    PromoteParams,
+)
 from tests.conftest import REPO, MlflowServer, free_port
 
 SETS = [BenchmarkSet("tno", str(REPO / "data/sample/tno/ir"), str(REPO / "data/sample/tno/vi"))]
@@ -169,6 +176,35 @@ def test_the_floor_refuses_a_model_below_mean_fusion_even_without_a_champion(tin
     tags = MlflowClient().get_model_version(params.model_name, "1").tags
     assert tags["promotion.decision"] == "rejected"
     assert tags["promotion.reason"] == result["reason"]
+
+
+def test_the_default_floor_refuses_a_model_that_only_beats_mean_fusion(tiny_run, tmp_path,
+                                                                        monkeypatch):
+    """The default floor is the training-free two-scale rule: a model above mean fusion but
+    below the rule (the rule with the visible source's base everywhere) is not promoted,
+    even as the first version."""
+    from fusion.models.dae_fuse import Config
+
+    monkeypatch.chdir(tmp_path)
+    params = _setup(tiny_run, tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}",
+                    floor=PromoteParams().floor)
+    assert params.promote.floor == "two-scale"
+    config = Config()
+    params = dataclasses.replace(params, model=ModelParams(
+        "dae-fuse", {**params.model.configs, "dae-fuse": config}))
+    model = params.family.network_module().build(config.net)
+    with torch.no_grad():  # base weight of A: sigmoid(50 * difference - 100), about 0
+        model.fuse_head.conv.bias.copy_(torch.tensor([-100.0, 0.0, 0.0]))
+    export_model(params.evaluate.model, "dae-fuse", config.net, model, None, {"phase": 2})
+    summary = _evaluate(params)["tno"]
+    weights = params.promote.weights
+    assert weighted_gain(summary["model"], summary["mean"], weights) > 0
+    assert weighted_gain(summary["model"], summary["two-scale"], weights) < 0
+    register(params)
+    result = promote(params)
+    assert not result["promoted"], result
+    assert result["reason"].startswith("below two-scale fusion on tno")
+    assert _aliases(params.model_name) == {}
 
 
 def test_warm_start_from_the_champion_records_its_lineage(sqlite_params, tmp_path):

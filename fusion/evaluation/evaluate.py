@@ -31,16 +31,17 @@ from fusion.evaluation.gain import means
 from fusion.evaluation.scoring import format_table, read_grey, score_arrays
 from fusion.files import Output, replacing, write_text
 from fusion.inference.fuse import Engine, fuse_files
+from fusion.inference.rules import TwoScaleEngine
 from fusion.metric_names import EIGHT
-from fusion.params import BenchmarkSet, Params
+from fusion.params import BASELINES, BenchmarkSet, Params, TwoScaleParams
 from fusion.progress import progress
 
-BASELINES = ("mean", "max")
 EVALUATED = "evaluated.json"  # which model (weights hash) the reports describe
-SUMMARY = "summary.json"
+SUMMARY = "summary.json"  # raw scores: what register, promote and the flows read
+PUBLISHED = "published.json"  # the same under the published protocol
 REPORT, PER_IMAGE, FUSED = "report.md", "per_image.parquet", "fused"
 EVALUATION = Output("fusion evaluate", EVALUATED,
-                    frozenset({EVALUATED, SUMMARY, REPORT, PER_IMAGE, FUSED}))
+                    frozenset({EVALUATED, SUMMARY, PUBLISHED, REPORT, PER_IMAGE, FUSED}))
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,22 @@ class Candidate:
     engine: Engine
 
 
-def baselines(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
-    """The trivial fusions every model is measured against."""
-    return {"mean": np.round((a + b) / 2), "max": np.maximum(a, b)}
+def baselines(a: np.ndarray, b: np.ndarray, rule: TwoScaleParams) -> dict[str, np.ndarray]:
+    """The training-free fusions every model is measured against, on the grey 0-255 images
+    the evaluator reads: mean fusion, max fusion and the two-scale rule (``rule``), before
+    rounding (as a model's float output is: scoring rounds, or stretches)."""
+    two_scale = TwoScaleEngine(rule)(a / 255.0, b / 255.0)
+    return {"mean": (a + b) / 2, "max": np.maximum(a, b),
+            "two-scale": two_scale * 255.0}
+
+
+def stretched(f: np.ndarray) -> np.ndarray:
+    """The published protocol: the test scripts behind the published tables min-max
+    stretch every fused image (their float output) to 0-255 before saving it as 8-bit and
+    scoring it, which raises SD, SF and VIF. Scored beside the raw output, never instead
+    of it."""
+    low, high = f.min(), f.max()
+    return np.round((f - low) / (high - low) * 255.0) if high > low else np.round(f)
 
 
 def with_sets(params: Params, specs: list[str]) -> Params:
@@ -89,36 +103,53 @@ def set_pairs(bench: BenchmarkSet) -> list[tuple[str, Path, Path]]:
     return [(s, a.unique[s], b.unique[s]) for s in stems]
 
 
+@dataclass
+class SetScores:
+    """What ``score_sets`` measured: {set: {method: {metric: mean}}}, raw and (when asked)
+    under the published protocol, every image's values, and the grid rows of each set."""
+
+    raw: dict[str, dict[str, dict[str, float]]]
+    published: dict[str, dict[str, dict[str, float]]]
+    records: list[dict]
+    grids: dict[str, list]
+
+
 def score_sets(candidates: list[Candidate], sets: list[BenchmarkSet], params: Params,
-               workdir: Path, with_baselines: bool = True
-               ) -> tuple[dict[str, dict[str, dict[str, float]]], list[dict], dict]:
-    """Fuse and score every set: ({set: {method: {metric: mean}}}, per-image records,
-    {set: grid rows}). Fused images go to ``workdir/<label>/<set>/<stem>.png``."""
-    summary: dict[str, dict[str, dict[str, float]]] = {}
-    records: list[dict] = []
-    grids: dict[str, list] = {}
+               workdir: Path, published: bool = False) -> SetScores:
+    """Fuse and score every set, the candidates beside the baselines; ``published`` also
+    scores each fused image min-max stretched (``stretched``). Fused images go to
+    ``workdir/<label>/<set>/<stem>.png``."""
+    scores = SetScores({}, {}, [], {})
     for bench in sets:
         pairs = set_pairs(bench)
-        values: dict[str, list[dict[str, float]]] = {}
-        grids[bench.name] = []
+        values: dict[str, dict[str, list[dict[str, float]]]] = {"raw": {}, "published": {}}
+        scores.grids[bench.name] = []
         for stem, a_path, b_path in progress(pairs, f"evaluate {bench.name}", unit="pair"):
             a, b = read_grey(a_path, params.data.max_pixels), read_grey(b_path,
                                                                          params.data.max_pixels)
-            fused = {}
+            fused, floats = {}, {}  # as saved (8-bit, read back) and before rounding
             for c in candidates:
                 path = workdir / c.label / bench.name / f"{stem}.png"
-                fuse_files(c.engine, a_path, b_path, path, params.data.max_pixels)
+                floats[c.label] = fuse_files(c.engine, a_path, b_path, path,
+                                             params.data.max_pixels).luma * 255.0
                 fused[c.label] = read_grey(path)
-            if with_baselines:
-                fused.update(baselines(a, b))
+            for method, f in baselines(a, b, params.evaluate.two_scale).items():
+                floats[method], fused[method] = f, np.round(f)
             for method, f in fused.items():
-                scores = score_arrays(f, a, b, params.metrics)
-                values.setdefault(method, []).append(scores)
-                records.append({"set": bench.name, "image": stem, "method": method, **scores})
-            if len(grids[bench.name]) < params.evaluate.grid_rows:
-                grids[bench.name].append((a, b, *(fused[c.label] for c in candidates)))
-        summary[bench.name] = {m: {**means(v), "pairs": len(pairs)} for m, v in values.items()}
-    return summary, records, grids
+                for protocol in ("raw", "published") if published else ("raw",):
+                    image = stretched(floats[method]) if protocol == "published" else f
+                    metrics = score_arrays(image, a, b, params.metrics)
+                    values[protocol].setdefault(method, []).append(metrics)
+                    scores.records.append({"set": bench.name, "image": stem, "method": method,
+                                           "protocol": protocol, **metrics})
+            if len(scores.grids[bench.name]) < params.evaluate.grid_rows:
+                scores.grids[bench.name].append(
+                    (a, b, *(fused[c.label] for c in candidates), fused["two-scale"]))
+        for protocol, table in (("raw", scores.raw), ("published", scores.published)):
+            if values[protocol]:
+                table[bench.name] = {m: {**means(v), "pairs": len(pairs)}
+                                     for m, v in values[protocol].items()}
+    return scores
 
 
 def _grid(rows: list[tuple[np.ndarray, ...]], path: Path, height: int = 160) -> None:
@@ -150,39 +181,46 @@ def evaluate(params: Params, candidates: list[Candidate], digest: str
     ev = params.evaluate
     out = Path(ev.out)
     with replacing(out, EVALUATION) as tmp:
-        summary, records, grids = score_sets(candidates, ev.sets, params, tmp / FUSED)
-        pq.write_table(pa.Table.from_pylist(records), tmp / PER_IMAGE)
-        write_text(tmp / SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        scores = score_sets(candidates, ev.sets, params, tmp / FUSED, published=True)
+        pq.write_table(pa.Table.from_pylist(scores.records), tmp / PER_IMAGE)
+        write_text(tmp / SUMMARY, json.dumps(scores.raw, indent=2, sort_keys=True) + "\n")
+        write_text(tmp / PUBLISHED, json.dumps(scores.published, indent=2, sort_keys=True)
+                   + "\n")
         metrics_dir = Path(ev.summary)
-        for name, methods in summary.items():
-            for method in ("model", *BASELINES):
-                suffix = "" if method == "model" else f"-{method}"
-                row = {k: round(methods[method][k], 4) for k in EIGHT}
+        for name, methods in scores.raw.items():
+            rows = {"": methods["model"], "-published": scores.published[name]["model"],
+                    **{f"-{b}": methods[b] for b in BASELINES}}
+            for suffix, values in rows.items():
+                row = {k: round(values[k], 4) for k in EIGHT}
                 write_text(metrics_dir / f"{name}{suffix}.json",
-                           json.dumps({**row, "pairs": methods[method]["pairs"]}, indent=2)
-                           + "\n")
-            _grid(grids[name], Path(ev.grids) / f"{name}.png")
+                           json.dumps({**row, "pairs": values["pairs"]}, indent=2) + "\n")
+            _grid(scores.grids[name], Path(ev.grids) / f"{name}.png")
         labels = [c.label for c in candidates]
-        write_text(tmp / REPORT, report(summary, labels, out, Path(ev.grids)))
+        write_text(tmp / REPORT, report(scores, labels, out, Path(ev.grids)))
         write_text(tmp / EVALUATED, json.dumps({"model": ev.model, "model_sha256": digest,
                                                 "sets": [b.name for b in ev.sets],
                                                 "compared": labels[1:]}, indent=2) + "\n")
-    return summary
+    return scores.raw
 
 
-def report(summary: dict, labels: list[str], out: Path, grids: Path) -> str:
+def report(scores: SetScores, labels: list[str], out: Path, grids: Path) -> str:
     lines = ["# Evaluation", "",
-             "Published metric definitions (`fusion/evaluation/metrics.py`); fused images are "
-             "scored as the models wrote them, without min-max stretching. Baselines: mean "
-             "fusion (A+B)/2 and max fusion max(A, B) on the same grey images. MI, VIF and "
-             "SSIM are sums over the two sources (e.g. SSIM(F, A) + SSIM(F, B)), so their "
-             "values can exceed 1 (SSIM at most 2); higher is better for every metric but MSE.",
-             ""]
+             "Published metric definitions (`fusion/metrics.py`). Baselines: mean fusion "
+             "(A+B)/2, max fusion max(A, B) and the training-free two-scale rule (the brighter "
+             "source's Gaussian base plus both sources' detail, `evaluate.two_scale`; the "
+             "default promotion floor), on the same grey images. MI, VIF and SSIM are sums "
+             "over the two sources (e.g. SSIM(F, A) + SSIM(F, B)), so their values can exceed "
+             "1 (SSIM at most 2); higher is better for every metric but MSE.", "",
+             "**Raw**: every image scored as the method wrote it; promotion and its floor use "
+             "these. **Published protocol**: each image min-max stretched to 0-255 first, as "
+             "the test scripts behind the published tables do, which raises SD, SF "
+             "and VIF: only for comparing with published tables.", ""]
     if len(labels) > 1:
         lines += ["Models side by side: " + ", ".join(f"`{label}`" for label in labels), ""]
-    for name, methods in summary.items():
-        lines += [f"## {name} ({int(methods['model']['pairs'])} pairs)", "",
-                  format_table(methods), "", "Grid, one row per pair: A | B | "
-                  + " | ".join(labels), "",
+    for name, methods in scores.raw.items():
+        lines += [f"## {name} ({int(methods['model']['pairs'])} pairs)", "", "Raw:", "",
+                  format_table(methods), "", "Published protocol (min-max stretched):", "",
+                  format_table(scores.published[name]), "", "Grid, one row per pair: A | B | "
+                  + " | ".join([*labels, "two-scale"]), "",
                   f"![{name}]({Path(os.path.relpath(grids, out)) / name}.png)", ""]
     return "\n".join(lines)

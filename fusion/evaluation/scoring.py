@@ -54,7 +54,7 @@ def score_arrays(f: np.ndarray, a: np.ndarray, b: np.ndarray,
                  options: MetricParams = PUBLISHED, device: str = "cpu") -> dict[str, float]:
     import torch
 
-    from fusion.evaluation.metrics import compute
+    from fusion.metrics import compute
 
     tensors = [torch.from_numpy(x).to(device) for x in (f, a, b)]
     return {k: float(v.item()) for k, v in compute(*tensors, options=options).items()}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -146,10 +146,19 @@ def _luma_plane(image: SourceImage) -> np.ndarray:
     return rgb_to_ycbcr(unit)[..., 0] if image.channels == 3 else unit
 
 
+class Fused(NamedTuple):
+    """A fused pair: ``pixels`` grey (H, W) or RGB (H, W, 3) at the larger bit depth of the
+    sources; ``luma`` the fused grey plane before it was rounded, in [0, 1] (what the
+    published protocol stretches); ``contribution`` of source A, or None."""
+
+    pixels: np.ndarray
+    luma: np.ndarray
+    contribution: np.ndarray | None
+
+
 def fuse_images(engine: Engine, a: SourceImage, b: SourceImage, explain: bool = False
-                ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(fused pixels, contribution map or None): grey (H, W) or RGB (H, W, 3), at the
-    larger bit depth of the sources."""
+                ) -> Fused:
+    """Fuse two decoded images (the luma of a colour source, its colour put back)."""
     if (a.height, a.width) != (b.height, b.width):
         raise FusionError(f"size mismatch: {a.width}x{a.height} vs {b.width}x{b.height}")
     colour = b if b.is_colour else a if a.is_colour else None
@@ -169,23 +178,23 @@ def fuse_images(engine: Engine, a: SourceImage, b: SourceImage, explain: bool = 
     scale = max_value(bits)
     pixels = np.clip(np.round(result * scale), 0, scale).astype(
         np.uint16 if bits == 16 else np.uint8)
-    return pixels, weight
+    return Fused(pixels, y, weight)
 
 
 def fuse_files(engine: Engine, a: Path, b: Path, out: Path,
-               max_pixels: int = DEFAULT_MAX_PIXELS, explain: Path | None = None) -> Path:
+               max_pixels: int = DEFAULT_MAX_PIXELS, explain: Path | None = None) -> Fused:
     """Fuse one pair of files into ``out`` (its suffix picks the format); with ``explain``,
     also write the contribution map of source A there (8-bit grey)."""
     spec = plan(probe_image(a, max_pixels), probe_image(b, max_pixels))
     output_format(out, spec.bits, spec.colour)
     if explain is not None and not engine.explains:
         raise FusionError("--explain: this model family has no contribution map")
-    pixels, weight = fuse_images(engine, read_image(a, max_pixels), read_image(b, max_pixels),
-                                 explain is not None)
-    write_image(pixels, out)
-    if weight is not None:
-        write_image(np.round(weight * 255).astype(np.uint8), explain)
-    return out
+    fused = fuse_images(engine, read_image(a, max_pixels), read_image(b, max_pixels),
+                        explain is not None)
+    write_image(fused.pixels, out)
+    if fused.contribution is not None:
+        write_image(np.round(fused.contribution * 255).astype(np.uint8), explain)
+    return fused
 
 
 def fuse_folders(engine: Engine, a_dir: Path, b_dir: Path, out_dir: Path,

@@ -6,7 +6,9 @@ gain of a metric is its relative change (``fusion.evaluation.gain``). The challe
 promoted when
 
 1. the floor holds: on every set, its weighted gain over the ``promote.floor`` baseline
-   (mean fusion by default) is positive, even when there is no champion yet;
+   (the training-free two-scale rule by default) is positive, even when there is no
+   champion yet: no version that loses to a rule anyone can compute without training is
+   ever promoted;
 2. against a champion, the weighted mean gain over all sets reaches
    ``promote.min_improvement`` and no weighted metric drops by more than
    ``promote.max_drop`` on any set.
@@ -141,7 +143,7 @@ def _scores(params: Params, versions: dict[str, str]) -> dict[str, dict[str, dic
         candidates.append(Candidate(label, TorchEngine(model, family,
                                                        TileSpec(params.evaluate.tile))))
     with tempfile.TemporaryDirectory() as tmp:
-        return score_sets(candidates, sets, params, Path(tmp))[0]
+        return score_sets(candidates, sets, params, Path(tmp)).raw
 
 
 def _newest_registered(client: Any, name: str) -> str | None:

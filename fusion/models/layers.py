@@ -393,3 +393,49 @@ def low_pass(x: torch.Tensor, sigma: float) -> torch.Tensor:
     x = F.pad(x, (r, r, r, r), mode="reflect")
     x = F.conv2d(x, k.view(-1, 1, 1, 2 * r + 1), groups=c)
     return F.conv2d(x, k.view(-1, 1, 2 * r + 1, 1), groups=c)
+
+
+def two_scale(a: torch.Tensor, b: torch.Tensor, sigma: float, ceiling: float,
+              weight: torch.Tensor | None = None, gain_a: torch.Tensor | float = 1.0,
+              gain_b: torch.Tensor | float = 1.0,
+              bases: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Two-scale fusion of same-size sources in [0, 1]: each splits into a Gaussian base
+    (``sigma``) and its detail, ``F = w * base_a + (1 - w) * base_b + gain_a * detail_a +
+    gain_b * detail_b``, at most ``(1 + ceiling) * max(a, b)`` (no bright halo beside an
+    edge; dark stays dark) and within [0, 1].
+
+    With the defaults (``w`` 1 where A's base is the brighter, gains 1) it is the training-free
+    rule every learned model is measured against (evaluation's ``two-scale`` baseline); the
+    families' heads predict ``w`` and the gains per pixel (``bases``: the two bases, when
+    the caller has them already)."""
+    base_a, base_b = bases or low_pass(torch.cat([a, b], 1), sigma).chunk(2, 1)
+    if weight is None:
+        weight = (base_a >= base_b).to(a.dtype)
+    fused = (weight * base_a + (1 - weight) * base_b + gain_a * (a - base_a)
+             + gain_b * (b - base_b))
+    return torch.minimum(fused, (1 + ceiling) * torch.maximum(a, b)).clamp(0, 1)
+
+
+SHARPNESS = 50.0  # the learned base weight's prior: sigmoid(50 x base difference)
+
+
+def learned_two_scale(logits: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sigma: float,
+                      ceiling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``two_scale`` with weights a network predicts per pixel, as three logit maps
+    (N, 3, H, W): the base weight of A is a sharp sigmoid of the base difference (the
+    brighter base wins) shifted by the first, and each detail gain is the exponential of
+    another. Zero logits are the training-free rule, so training starts from it and has
+    to improve on it. Returns (fused, base weight of A)."""
+    bases = low_pass(torch.cat([a, b], 1), sigma).chunk(2, 1)
+    shift, log_ga, log_gb = logits.chunk(3, 1)
+    weight = torch.sigmoid(SHARPNESS * (bases[0] - bases[1]) + shift)
+    return (two_scale(a, b, sigma, ceiling, weight, log_ga.exp(), log_gb.exp(), bases),
+            weight)
+
+
+def zero_conv(channels: int, out: int) -> nn.Conv2d:
+    """A 3x3 convolution that starts at zero (a head whose zero output means "the rule")."""
+    conv = nn.Conv2d(channels, out, 3, padding=1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv

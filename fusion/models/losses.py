@@ -11,6 +11,7 @@ import kornia.metrics
 import torch
 import torch.nn.functional as F
 
+from fusion.models.gate_weights import GateWeights
 from fusion.models.layers import low_pass
 
 
@@ -81,3 +82,33 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float = 0.1
     q, k = F.normalize(queries.flatten(1), dim=1), F.normalize(keys.flatten(1), dim=1)
     logits = q @ k.t() / temperature
     return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
+
+
+GUARDED = ("SD", "SF", "SCD", "SSIM")  # none of these may fall below the reference
+FLOORS = {"VIF": 0.05, "Qabf": 0.05, "SSIM": 0.05, "SCD": 0.05, "SD": 1.0, "SF": 0.5}
+
+
+def gate_loss(f: torch.Tensor, a: torch.Tensor, b: torch.Tensor, reference: torch.Tensor,
+              weights: GateWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Training aimed at what the promotion gate and the papers measure, with the
+    evaluator's own metric definitions (``fusion.metrics``, 0-255 scale, per patch).
+
+    Each metric enters as its relative gain over ``reference`` (the training-free
+    two-scale rule on the same patch, as the gate compares with its floor): the loss is
+    minus the ``gains``-weighted gains (VIF, Qabf, SSIM, SCD), plus ``guard`` times every
+    loss in SD, SF, SCD or SSIM. The gains alone are won by copying one source (VIF and MI
+    reward it); the guard makes that a loss, so the model has to improve on the rule
+    without giving up either source's contrast, detail or structure.
+    Returns (loss, each metric's mean relative gain)."""
+    from fusion import metrics
+
+    gains = weights.gains()
+    names = tuple(dict.fromkeys([*(m for m, w in gains.items() if w), *GUARDED]))
+    with torch.no_grad():
+        ref = metrics.compute(*(x.squeeze(1).float() * 255.0 for x in (reference, a, b)),
+                              names=names)
+    ours = metrics.compute(*(x.squeeze(1).float() * 255.0 for x in (f, a, b)), names=names)
+    rel = {m: (ours[m] - ref[m]) / ref[m].abs().clamp_min(FLOORS[m]) for m in names}
+    loss = -sum(w * rel[m].mean() for m, w in gains.items() if w)
+    loss = loss + weights.guard * sum(torch.relu(-rel[m]).mean() for m in GUARDED)
+    return loss.to(f.dtype), {m: rel[m].mean() for m in names}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fusion.family import Family, Phase, WeightRange, register_family
+from fusion.models.gate_weights import GateWeights
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class Net:
     detail_layers: int = 2  # INN coupling nodes of the detail encoder (paper 3)
     fuse_detail_layers: int = 1  # INN nodes of the detail fusion layer (paper 1)
     inn_expand: int = 2  # inverted-residual expansion inside each coupling (paper 2)
+    prior_sigma: float = 3.0  # fusion head: Gaussian sigma splitting base from detail
+    halo_limit: float = 0.05  # fusion head: at most (1 + this) x the brighter source
 
     def __post_init__(self) -> None:
         from fusion.errors import FusionError
@@ -46,12 +49,13 @@ class ReconstructionLoss:
 
 
 @dataclass(frozen=True)
-class FusionLoss:
-    """Stage II: w_int * |F - max(A, B)| + w_grad * |grad F - max(grad A, grad B)|
-    + w_decomp * the decomposition loss (code: 1, 10, 2)."""
+class FusionLoss(GateWeights):
+    """Stage II: the gate loss (``fusion.models.losses.gate_loss``) plus the paper's w_int *
+    |F - max(A, B)| + w_grad * |grad F - max(grad A, grad B)| + w_decomp * the
+    decomposition loss (code: 1, 10, 2)."""
 
-    w_int: float = 1.0
-    w_grad: float = 10.0
+    w_int: float = 0.0
+    w_grad: float = 0.0
     w_decomp: float = 2.0
     int_sigma: float = 0.0  # intensity term on Gaussian low-pass images (0: as the paper)
 

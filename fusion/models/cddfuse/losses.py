@@ -29,5 +29,6 @@ def losses_for(phase: int, a: torch.Tensor, b: torch.Tensor, out: dict,
     fused = out["fused"]
     inten = losses.intensity_loss(fused, a, b, w.int_sigma)
     grad = (sobel_l1(fused) - torch.maximum(sobel_l1(a), sobel_l1(b))).abs().mean()
-    total = w.w_int * inten + w.w_grad * grad + w.w_decomp * decomp
-    return {"loss": total, "int": inten, "grad": grad, "decomp": decomp}
+    gate, means = losses.gate_loss(fused, a, b, out["reference"], w)
+    total = w.w_int * inten + w.w_grad * grad + w.w_decomp * decomp + gate
+    return {"loss": total, "int": inten, "grad": grad, "decomp": decomp, **means}

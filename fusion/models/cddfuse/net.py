@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusion.models.cddfuse import Net
-from fusion.models.layers import RestormerBlock, icnr_, pad_to
+from fusion.models.layers import (
+    RestormerBlock,
+    icnr_,
+    learned_two_scale,
+    pad_to,
+    two_scale,
+    zero_conv,
+)
 
 HEAD_CHANNELS = 8  # full-resolution channels after the pixel-shuffle
 
@@ -90,7 +97,15 @@ class CDDFuse(nn.Module):
                                      for _ in range(p.decoder_blocks))
         self.head = nn.Conv2d(p.dim, s2 * HEAD_CHANNELS, 3, padding=1, bias=False)
         icnr_(self.head, p.stem_stride)
-        self.head_full = nn.Conv2d(HEAD_CHANNELS, 1, 3, padding=1, bias=False)
+        self.head_full = nn.Conv2d(HEAD_CHANNELS, 1, 3, padding=1, bias=False)  # reconstruction
+        # fusion: the decoder predicts per-pixel weights of the two-scale rule (a zero head is
+        # the rule): the fused base/detail features decide how much of each source's base
+        # and detail the image keeps
+        self.fuse_head = zero_conv(HEAD_CHANNELS, 3)
+
+    def idle(self, phase: int) -> tuple[str, ...]:
+        """The head a phase does not use (the trainer freezes it)."""
+        return ("fuse_head",) if phase == 1 else ("head_full",)
 
     @property
     def multiple(self) -> int:
@@ -103,24 +118,31 @@ class CDDFuse(nn.Module):
             s = block(s)
         return self.base(s), self.detail(s)
 
-    def decode(self, base: torch.Tensor, detail: torch.Tensor, skip: torch.Tensor
-               ) -> torch.Tensor:
-        """sigmoid(head(decoder(base, detail)) + skip): the network learns a residual."""
+    def _decoded(self, base: torch.Tensor, detail: torch.Tensor) -> torch.Tensor:
+        """The decoder's full-resolution features of (base, detail) features."""
         x = self.dec_reduce(torch.cat([base, detail], 1))
         for block in self.decoder:
             x = block(x)
-        x = F.pixel_shuffle(self.head(x), self.params.stem_stride)
-        return torch.sigmoid(self.head_full(F.leaky_relu(x)) + skip)
+        return F.leaky_relu(F.pixel_shuffle(self.head(x), self.params.stem_stride))
 
-    def _fused(self, base, detail, skip):
+    def decode(self, base: torch.Tensor, detail: torch.Tensor, skip: torch.Tensor
+               ) -> torch.Tensor:
+        """Reconstruction: sigmoid(head(decoder(base, detail)) + skip), a learned residual."""
+        return torch.sigmoid(self.head_full(self._decoded(base, detail)) + skip)
+
+    def _fused(self, base: torch.Tensor, detail: torch.Tensor, a: torch.Tensor,
+               b: torch.Tensor) -> torch.Tensor:
         (ba, bb), (da, db) = base.chunk(2), detail.chunk(2)
-        return self.decode(self.base_fuse(ba + bb), self.detail_fuse(da + db), skip)
+        features = self._decoded(self.base_fuse(ba + bb), self.detail_fuse(da + db))
+        p = self.params
+        return learned_two_scale(self.fuse_head(features), a, b, p.prior_sigma,
+                                 p.halo_limit)[0]
 
     def fuse(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ap, (h, w) = pad_to(a, self.multiple)
         bp, _ = pad_to(b, self.multiple)
         base, detail = self.encode(torch.cat([ap, bp]))
-        return self._fused(base, detail, bp)[..., :h, :w]
+        return self._fused(base, detail, ap, bp)[..., :h, :w]
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, phase: int = 2) -> dict:
         """Training outputs (the patches need no padding: sides are multiples of 16)."""
@@ -129,8 +151,10 @@ class CDDFuse(nn.Module):
         out = {"base": base.chunk(2), "detail": detail.chunk(2)}
         if phase == 1:
             out["rec"] = self.decode(base, detail, x).chunk(2)
-        else:
-            out["fused"] = self._fused(base, detail, b)
+            return out
+        out["fused"] = self._fused(base, detail, a, b)
+        with torch.no_grad():  # what the fusion stage is measured against
+            out["reference"] = two_scale(a, b, self.params.prior_sigma, self.params.halo_limit)
         return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fusion.family import Family, Phase, WeightRange, register_family
+from fusion.models.gate_weights import GateWeights
 
 
 @dataclass(frozen=True)
@@ -60,15 +61,16 @@ class FeatureLoss:
 
 
 @dataclass(frozen=True)
-class FusionLoss:
-    """Phase II: w_text * L_text + w_int * L_int + w_adv * L_adv + w_ssim * L_ssim."""
+class FusionLoss(GateWeights):
+    """Phase II: the gate loss (``fusion.models.losses.gate_loss``: relative gains over the
+    two-scale rule in VIF, Qabf, SSIM and SCD, w_vif ... w_scd, with ``guard`` times any
+    loss in SD, SF, SCD or SSIM) plus the paper's w_text * L_text + w_int * L_int + w_adv *
+    L_adv."""
 
-    w_text: float = 1.0
-    w_int: float = 1.0
+    w_text: float = 0.0
+    w_int: float = 0.0
     w_adv: float = 0.01
     int_sigma: float = 3.0  # L_int on Gaussian low-pass images of this sigma (0: the paper's)
-    # L_ssim = 1 - (SSIM(F, A) + SSIM(F, B)) / 2: keeps both sources' structure (0: the paper's)
-    w_ssim: float = 1.0
 
 
 def _space() -> list[WeightRange]:

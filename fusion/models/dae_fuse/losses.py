@@ -22,9 +22,6 @@ def losses_for(phase: int, a: torch.Tensor, b: torch.Tensor, out: dict,
     fused = out["fused"]
     text = losses.texture_loss(fused, a, b)
     inten = losses.intensity_loss(fused, a, b, w.int_sigma)
-    total = w.w_text * text + w.w_int * inten + w.w_adv * adv
-    parts = {"adv": adv, "text": text, "int": inten}
-    if w.w_ssim:
-        parts["ssim"] = (losses.ssim_loss(fused, a) + losses.ssim_loss(fused, b)) / 2
-        total = total + w.w_ssim * parts["ssim"]
-    return {"loss": total, **parts}
+    gate, means = losses.gate_loss(fused, a, b, out["reference"], w)
+    total = w.w_text * text + w.w_int * inten + w.w_adv * adv + gate
+    return {"loss": total, "adv": adv, "text": text, "int": inten, **means}

@@ -23,10 +23,12 @@ from fusion.models.layers import (
     RestormerBlock,
     TokenBlock,
     icnr_,
-    low_pass,
+    learned_two_scale,
     pad_to,
     shuffled_conv,
     sincos_positions,
+    two_scale,
+    zero_conv,
 )
 
 
@@ -78,12 +80,10 @@ class DAEFuse(nn.Module):
         self.dec_out = nn.Conv2d(c, s2 * 8, 3, padding=1)
         icnr_(self.dec_out, p.stem_stride)
         self.dec_full = nn.Conv2d(8, 1, 3, padding=1)
-        # fusion_head "prior": the fused image is a base/detail rule plus a learned
-        # correction that starts at zero, so phase II starts from the rule
-        self.fuse_head = nn.Conv2d(8, 1, 3, padding=1) if p.fusion_head == "prior" else None
-        if self.fuse_head is not None:
-            nn.init.zeros_(self.fuse_head.weight)
-            nn.init.zeros_(self.fuse_head.bias)
+        # fusion_head "prior": the decoder predicts per-pixel weights of the two-scale rule
+        # (a zero head is the rule), so phase II starts from the rule and learns where to
+        # depart from it
+        self.fuse_head = zero_conv(8, 3) if p.fusion_head == "prior" else None
         self.cross_a = RestormerBlock(2 * c, p.heads, p.fusion_ffn_factor, cross=True)
         self.cross_b = RestormerBlock(2 * c, p.heads, p.fusion_ffn_factor, cross=True)
         self.fuse_reduce = nn.Conv2d(4 * c, 2 * c, 1)
@@ -131,18 +131,9 @@ class DAEFuse(nn.Module):
                                             self.cross_b(phi_b, phi_a)], 1))
         if self.fuse_head is None:
             return self.decode(fused)[..., :h, :w]
-        correction = torch.tanh(shuffled_conv(self.fuse_head, self._decoded(fused),
-                                              self.params.stem_stride))
-        ceiling = (1 + self.params.halo_limit) * torch.maximum(ap, bp)
-        fused = torch.minimum(self.prior(ap, bp) + correction, ceiling)
-        return fused.clamp(0, 1)[..., :h, :w]
-
-    def prior(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """max(low-pass a, low-pass b) + detail a + detail b: the brighter source sets the
-        base (thermal targets, CT bone), both sources add their texture."""
-        # one two-channel blur: onnxruntime pads a one-channel map to 8 channels per conv
-        la, lb = low_pass(torch.cat([a, b], 1), self.params.prior_sigma).chunk(2, 1)
-        return torch.maximum(la, lb) + (a - la) + (b - lb)
+        p = self.params
+        logits = shuffled_conv(self.fuse_head, self._decoded(fused), p.stem_stride)
+        return learned_two_scale(logits, ap, bp, p.prior_sigma, p.halo_limit)[0][..., :h, :w]
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, phase: int = 2) -> dict:
         """Training outputs of a phase (through forward, so that DDP sees every call)."""
@@ -152,7 +143,9 @@ class DAEFuse(nn.Module):
             return {"rec": (rec_a, rec_b), "hf": (hf_a, hf_b), "lf": (lf_a, lf_b),
                     "fakes": (rec_a, rec_b)}
         fused = self.fuse(a, b)
-        return {"fused": fused, "fakes": (fused, fused)}
+        with torch.no_grad():  # what phase II is measured against
+            reference = two_scale(a, b, self.params.prior_sigma, self.params.halo_limit)
+        return {"fused": fused, "fakes": (fused, fused), "reference": reference}
 
 
 class Discriminator(nn.Module):

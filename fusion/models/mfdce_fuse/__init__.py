@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fusion.family import Family, Phase, WeightRange, register_family
+from fusion.models.gate_weights import GateWeights
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class Net:
     mlp_ratio: float = 2.0
     decoder_blocks: int = 2  # residual conv blocks of the reconstruction decoder
     smooth: int = 5  # contribution: private energy averaged over smooth x smooth cells
+    prior_sigma: float = 3.0  # Gaussian sigma splitting each source's base from its detail
+    halo_limit: float = 0.05  # fused at most (1 + this) x the brighter source
 
     def __post_init__(self) -> None:
         from fusion.errors import FusionError
@@ -49,13 +52,14 @@ class AutoencoderLoss:
 
 
 @dataclass(frozen=True)
-class FusionLoss:
-    """Phase 2: the contribution-weighted perceptual loss (in our own frozen encoder's
-    feature space), texture and low-pass intensity terms, and the disentanglement loss."""
+class FusionLoss(GateWeights):
+    """Phase 2: the gate loss (``fusion.models.losses.gate_loss``), the contribution-weighted
+    perceptual loss (in our own frozen encoder's feature space), texture and low-pass
+    intensity terms, and the disentanglement loss."""
 
     w_percep: float = 1.0
-    w_text: float = 5.0
-    w_int: float = 1.0
+    w_text: float = 0.0
+    w_int: float = 0.0
     w_disentangle: float = 0.1
     int_sigma: float = 3.0
     temperature: float = 0.1
@@ -81,7 +85,7 @@ class Config:
 FAMILY = register_family(Family(
     name="mfdce-fuse",
     config=Config,
-    phases=(Phase("autoencoder", frozen=("contribution",), fuses=False),
+    phases=(Phase("autoencoder", frozen=("contribution", "detail_gain"), fuses=False),
             Phase("contribution", frozen=("embed", "cnn", "swin", "merge", "decoder", "head",
                                           "head_full"))),
     module="fusion.models.mfdce_fuse.net",

@@ -46,7 +46,8 @@ def losses_for(phase: int, a: torch.Tensor, b: torch.Tensor, out: dict,
     percep = (cell * (zf - za).abs() + (1 - cell) * (zf - zb).abs()).mean()
     text = losses.texture_loss(fused, a, b)
     inten = losses.intensity_loss(fused, a, b, w.int_sigma)
+    gate, means = losses.gate_loss(fused, a, b, out["reference"], w)
     total = (w.w_percep * percep + w.w_text * text + w.w_int * inten
-             + w.w_disentangle * disentangle)
+             + w.w_disentangle * disentangle + gate)
     return {"loss": total, "percep": percep, "text": text, "int": inten,
-            "disentangle": disentangle}
+            "disentangle": disentangle, **means}

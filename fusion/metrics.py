@@ -1,4 +1,6 @@
-"""The fusion metrics papers report, in torch (CPU or GPU), batched over same-size images.
+"""The fusion metrics papers report, in torch (CPU or GPU), batched over same-size images,
+and differentiable where the definition allows (SD, SF, SCD, VIF, Qabf, SSIM, CC, MSE):
+evaluation scores with them and the families' losses train on them, one definition for both.
 
 Inputs are greyscale images on the 0-255 scale, ``(H, W)`` or ``(N, H, W)``; every metric
 returns one value per image (float64). Definitions follow the Python evaluator behind the
@@ -59,13 +61,20 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1)
 
 
+def _safe(x: torch.Tensor, ok: torch.Tensor, fill: float = 1.0) -> torch.Tensor:
+    """``x`` where ``ok``, else ``fill``: the operand of a guarded division or root, so that
+    the branch ``torch.where`` discards has no infinite gradient either (values unchanged)."""
+    return torch.where(ok, x, torch.full_like(x, fill))
+
+
 def _corr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Pearson correlation per image; 0 where either image is constant."""
     xc = _flat(x) - _flat(x).mean(1, keepdim=True)
     yc = _flat(y) - _flat(y).mean(1, keepdim=True)
-    den = torch.sqrt((xc * xc).sum(1) * (yc * yc).sum(1))
+    den2 = (xc * xc).sum(1) * (yc * yc).sum(1)
     num = (xc * yc).sum(1)
-    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
+    ok = den2 > 0
+    return torch.where(ok, num / torch.sqrt(_safe(den2, ok)), torch.zeros_like(num))
 
 
 def en(f: torch.Tensor) -> torch.Tensor:
@@ -217,8 +226,9 @@ def vif(f, a, b) -> torch.Tensor:
             num, den = _vif_terms(imgs[:, i:i + 1], fd, g, mu_d, dd)
             totals[i, 0] += num
             totals[i, 1] += den
-    ratio = totals[:, 0] / totals[:, 1]
-    return torch.nan_to_num(ratio, nan=1.0).sum(0)
+    num, den = totals[:, 0], totals[:, 1]
+    ok = den != 0
+    return torch.where(ok, num / _safe(den, ok), torch.ones_like(num)).sum(0)  # 0/0 counts 1
 
 
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=DTYPE)
@@ -231,7 +241,8 @@ def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     kernels = torch.stack([_SOBEL_X.flip(0, 1), _SOBEL_Y.flip(0, 1)]).unsqueeze(1).float()
     s = F.conv2d(x.unsqueeze(1).float(), kernels.to(x.device), padding=1)
     sx, sy = s[:, 0], s[:, 1]
-    strength = torch.sqrt(sx * sx + sy * sy)
+    square = sx * sx + sy * sy
+    strength = torch.where(square > 0, torch.sqrt(_safe(square, square > 0)), 0.0)
     safe = torch.where(sx == 0, torch.ones_like(sx), sx)
     angle = torch.where(sx == 0, torch.full_like(sx, math.pi / 2), torch.atan(sy / safe))
     return strength, angle

@@ -1,0 +1,22 @@
+"""The gate loss's weights, a part of every family's fusion-phase params section (torch-free:
+params are read without torch); the loss itself is ``fusion.models.losses.gate_loss``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GateWeights:
+    """The gate loss's weights (``gate_loss``), shared by every family's fusion phase: the
+    relative gains over the two-scale rule in VIF, Qabf, SSIM and SCD (the promotion gate's
+    weights by default) and how much a loss in SD, SF, SCD or SSIM costs."""
+
+    w_vif: float = 1.0
+    w_qabf: float = 1.0
+    w_ssim: float = 1.0
+    w_scd: float = 0.5
+    guard: float = 2.0
+
+    def gains(self) -> dict[str, float]:
+        return {"VIF": self.w_vif, "Qabf": self.w_qabf, "SSIM": self.w_ssim, "SCD": self.w_scd}
