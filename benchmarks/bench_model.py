@@ -71,7 +71,7 @@ def measure(family: str, profile: str, threads: int, repeat: int, onnx: bool,
 
         with tempfile.TemporaryDirectory() as tmp:
             path = export_onnx(model, fam, Path(tmp) / "m.onnx")
-            onnx_engine = OnnxEngine.open(path, None, threads)
+            onnx_engine = OnnxEngine.open(path, threads)
             out["onnx_s_768x576"] = best_of(lambda: onnx_engine(a, b), repeat)
     if train:
         from fusion.engine.trainer import Trainer

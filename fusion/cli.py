@@ -90,10 +90,25 @@ def _train(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+def _fuse_on_ray(args: argparse.Namespace, params: Params) -> int:
+    from fusion.serving.batch import fuse_on_cluster
+
+    if not args.model or args.method:
+        raise FusionError("fuse --ray: give a model (--model); --method runs in folder mode")
+    report = fuse_on_cluster(params, args.model, args.a, args.b, args.output, args.address)
+    for error in report.errors:
+        print(f"  {error}", file=sys.stderr)
+    print(f"fused {report.fused} pairs -> {args.output} ({report.skipped} done before), "
+          f"{len(report.errors)} failed")
+    return 1 if report.errors else 0
+
+
 def _fuse(args: argparse.Namespace, params: Params) -> int:
     from fusion.data.images import output_format, probe_image
     from fusion.inference.fuse import TileSpec, plan
 
+    if args.ray:
+        return _fuse_on_ray(args, params)
     a, b, out = Path(args.a), Path(args.b), Path(args.output)
     for side in (a, b):
         if not side.exists():
@@ -223,6 +238,26 @@ def _search(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace, params: Params) -> int:
+    import time
+
+    from fusion.serving.app import run
+
+    url = run(params, args.address)
+    print(f"serving {params.model_name}@{params.serve.alias} at {url}: POST /fuse, "
+          f"GET /healthz, GET /metrics", flush=True)
+    if args.detach:
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
+
+
 def _status(args: argparse.Namespace, params: Params) -> int:
     from fusion.mlops.status import champion_status
 
@@ -243,6 +278,11 @@ Folder mode: --a and --b are folders; files pair up by stem (ir/07.png with vi/0
 A stem held by two files in one folder (07.png and 07.tif) is ambiguous and reported, as
 is a file with no partner; the other pairs are fused into OUT/<stem>.png and the command
 exits 1 if anything was reported.
+
+On the Ray cluster (--ray): --a, --b and -o may be folders or s3:// prefixes; pairs are
+fused by batch.workers actors through Ray Data into OUT/<stem>.png and recorded in
+OUT/manifest/ (Parquet), so a rerun fuses only what is not recorded yet. A stem that two
+files share on one side is refused before anything is fused.
 
 Output: grey when both sources are grey (an RGB file of grey content counts as grey),
 colour when one source is colour (its Cb/Cr are kept, its luma Y is fused). The bit depth
@@ -319,7 +359,11 @@ STAGES = (
         arg("--threads", type=int, default=0,
             help="onnxruntime intra-op threads (default 0: all cores)"),
         arg("--explain", default=None, metavar="FILE",
-            help="also write the contribution map of source A (see below)")), FUSE_EPILOG),
+            help="also write the contribution map of source A (see below)"),
+        arg("--ray", action="store_true",
+            help="fuse two folders or s3:// prefixes on the Ray cluster (batch.*), "
+                 "resumable from OUT/manifest/"),
+        ADDRESS), FUSE_EPILOG),
     Stage("export", "export a model for other runtimes (ONNX)", _export, (
         arg("--model", required=True, help="exported model folder or MLflow URI"),
         arg("--onnx", required=True, metavar="FILE", help="ONNX file to write"),
@@ -363,6 +407,11 @@ STAGES = (
                   help="only write search.out/best.json, not search.write_params"))),
     Stage("status", "have data or params changed since the champion was trained? (the "
           "retrain flow skips training when not)", _status, (JSON_OUT,)),
+    Stage("serve", "serve the family's model under serve.alias over HTTP (Ray Serve), "
+          "following the alias when it moves", _serve, (
+              ADDRESS,
+              arg("--detach", action="store_true",
+                  help="deploy and return (the application keeps running on the cluster)"))),
 )
 
 
@@ -394,7 +443,9 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params, args.overrides)
         return handlers[args.stage](args, params)
     except FusionError as exc:
-        print(f"fusion {args.stage}: error: {exc}", file=sys.stderr)
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        more = f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else ""
+        print(f"fusion {args.stage}: error: {lines[0]}{more}", file=sys.stderr)
         return EXIT_TRANSIENT if isinstance(exc, TransientError) else EXIT_BAD_INPUT
 
 

@@ -7,6 +7,7 @@ retry later); anything else is a crash, which is worth a retry too (a lost Ray n
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -20,6 +21,18 @@ EXIT_TRANSIENT = 75  # sysexits.h EX_TEMPFAIL
 
 class TransientError(FusionError):
     """A service (tracking server, object store, cluster) did not answer: worth a retry."""
+
+
+class DiskFullError(TransientError):
+    """No space left where a stage writes: the system, not the input (exit 75). Stops a
+    folder's run at once instead of fusing every remaining pair for nothing."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(f"{path}: cannot write (no space left on the device)")
+        self.path = Path(path)
+
+
+FULL = frozenset({errno.ENOSPC, errno.EDQUOT})  # the errors DiskFullError stands for
 
 
 class BadInputError(FusionError):

@@ -22,17 +22,25 @@ from pathlib import Path
 from typing import Any
 
 from fusion import chaos
-from fusion.errors import BadInputError, FusionError
+from fusion.errors import FULL, BadInputError, DiskFullError, FusionError
 
 
 @contextmanager
 def writable(path: str | Path) -> Iterator[None]:
-    """Turn an OS error while writing under ``path`` into a one-line error naming it."""
+    """Turn an OS error while writing under ``path`` into a one-line error naming it: a full
+    disk is the system's (exit 75), anything else the destination's (exit 2)."""
     try:
         yield
     except OSError as exc:
-        where = Path(exc.filename) if exc.filename else Path(path)
-        raise BadInputError(where, f"cannot write ({exc.strerror or exc})") from exc
+        raise write_error(Path(exc.filename) if exc.filename else Path(path), exc) from exc
+
+
+def write_error(path: str | Path, exc: OSError) -> FusionError:
+    """The one-line error for an OS error writing ``path``: a full disk is the system's
+    (exit 75), anything else the destination's (exit 2)."""
+    if exc.errno in FULL:
+        return DiskFullError(path)
+    return BadInputError(path, f"cannot write ({exc.strerror or exc})")
 
 
 @dataclass(frozen=True)

@@ -260,6 +260,48 @@ class SearchParams:
 
 
 @dataclass(frozen=True)
+class ServeParams:
+    """The ``serve`` section: ``fusion serve``, the Ray Serve application that serves the
+    active family's model under ``alias`` and follows the alias when it moves."""
+
+    alias: str = "champion"  # served: models:/<registered model>@<alias>
+    replicas: int = 1
+    cpus_per_replica: float = 1.0  # also each replica's onnxruntime threads
+    host: str = "127.0.0.1"  # where the HTTP endpoint listens (0.0.0.0 behind a proxy)
+    port: int = 8000
+    proxy_location: str = "HeadOnly"  # HeadOnly: one endpoint; EveryNode: one per node
+    poll_s: float = 10.0  # every replica checks the alias this often
+    max_request_mb: float = 64.0  # larger requests are refused (413) before they are read
+    max_ongoing: int = 4  # requests one replica takes at once; Serve queues the rest
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1 or self.cpus_per_replica <= 0 or self.max_ongoing < 1:
+            raise FusionError("serve: replicas and max_ongoing must be >= 1, "
+                              "cpus_per_replica positive")
+        if self.poll_s <= 0 or self.max_request_mb <= 0:
+            raise FusionError("serve: poll_s and max_request_mb must be positive")
+        if self.proxy_location not in ("HeadOnly", "EveryNode"):
+            raise FusionError("serve.proxy_location must be HeadOnly or EveryNode")
+
+
+@dataclass(frozen=True)
+class BatchParams:
+    """The ``batch`` section: ``fusion fuse --ray``, folders or S3 prefixes of pairs fused on
+    the Ray cluster through Ray Data, resumable from the output's manifest."""
+
+    workers: int = 2  # fusing actors (each holds one onnxruntime session)
+    cpus_per_worker: float = 1.0  # also each actor's onnxruntime threads
+    use_gpu: bool = False  # one GPU per actor (onnxruntime's CUDA provider)
+    pairs_per_batch: int = 4  # pairs a worker fuses per Ray Data batch
+    storage_endpoint: str = ""  # S3-compatible endpoint for s3:// inputs and outputs
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.pairs_per_batch < 1 or self.cpus_per_worker <= 0:
+            raise FusionError("batch: workers and pairs_per_batch must be >= 1, "
+                              "cpus_per_worker positive")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
@@ -270,6 +312,8 @@ class Params:
     mlflow: MlflowParams = field(default_factory=MlflowParams)
     promote: PromoteParams = field(default_factory=PromoteParams)
     search: SearchParams = field(default_factory=SearchParams)
+    serve: ServeParams = field(default_factory=ServeParams)
+    batch: BatchParams = field(default_factory=BatchParams)
 
     def __post_init__(self) -> None:
         if not self.model.configs:  # built in code: every family at its defaults
@@ -381,6 +425,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: where (line and column, from 1) and what."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{where}{what}"
+
+
 def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
     """Read ``params.yaml`` (missing sections take their defaults) and apply overrides."""
     path = Path(path) if path else DEFAULT_PARAMS
@@ -389,7 +441,7 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise FusionError(f"{path}: not valid YAML: {exc}") from exc
+            raise FusionError(f"{path}: not valid YAML: {yaml_problem(exc)}") from exc
     elif path != DEFAULT_PARAMS:
         raise FusionError(f"{path}: params file not found")
     return typed(Params, apply_overrides(raw, list(overrides or [])), "")

@@ -219,7 +219,7 @@ def test_onnx_export_matches_torch_on_a_real_pair(tiny_runs, tmp_path, shared_da
         model = load_model(tiny_runs[family].train.phase_out(2))
         onnx = export_onnx(model, get_family(family), tmp_path / f"{family}.onnx")
         ours = TorchEngine(model, get_family(family))(a, b)
-        theirs = OnnxEngine.open(onnx, tiny_runs[family])(a, b)
+        theirs = OnnxEngine.open(onnx)(a, b)
         assert np.abs(ours - theirs).max() < 1e-4, family
     model = tiny_runs["dae-fuse"].train.phase_out(2)
     onnx = tmp_path / "dae-fuse.onnx"
@@ -235,7 +235,7 @@ def test_onnx_export_matches_torch_on_a_real_pair(tiny_runs, tmp_path, shared_da
         outs[engine] = np.asarray(Image.open(out), dtype=np.float64)
     assert np.abs(outs["torch"] - outs["onnxruntime"]).max() <= 1  # 8-bit rounding
     ours = TorchEngine(load_model(model), get_family("dae-fuse"))(a, b)
-    engine = OnnxEngine.open(onnx, tiny_runs["dae-fuse"])
+    engine = OnnxEngine.open(onnx)
     theirs = engine(a, b)
     assert np.abs(ours - theirs).max() < 1e-4
     # the size met again runs on a session with it fixed: the same output; another size
@@ -269,3 +269,90 @@ def test_help_documents_every_option():
                 assert option.help, f"{action.prog} {option.option_strings}: no help text"
     version = run_cli("--version")
     assert version.returncode == 0 and version.stdout.startswith("fusion ")
+
+
+def test_a_full_disk_stops_folder_fuse_at_once_with_exit_75(tiny_run, tmp_path):
+    """ENOSPC on a small tmpfs: the run stops at the first pair that cannot be written
+    (exit 75, the system's fault, naming the path) instead of fusing every pair left."""
+    a, b = tmp_path / "ir", tmp_path / "vi"
+    for i in range(6):
+        save(a / f"p{i}.png", textured(256, 256, 2 * i))
+        save(b / f"p{i}.png", textured(256, 256, 2 * i + 1))
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    try:
+        run = run_cli("fuse", "--model", str(tiny_run.train.phase_out(2)), "--a", str(a),
+                      "--b", str(b), "-o", str(disk / "out"), cwd=tmp_path)
+        written = sorted(p.name for p in (disk / "out").iterdir()) if (disk / "out").exists() \
+            else []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    assert run.returncode == 75, run.stderr
+    assert run.stderr.count("\n") == 1 and "no space left on the device" in run.stderr
+    assert str(disk / "out") in run.stderr and "Traceback" not in run.stderr
+    assert 0 < len(written) < 6 and not [n for n in written if n.startswith(".")]
+
+
+def test_every_error_is_one_line_naming_its_file(tiny_run, pair, tmp_path):
+    """A YAML error, a config.json of the wrong sizes and weights of another shape: one
+    line each, naming the file (line and column for YAML)."""
+    import json
+    import shutil
+
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("data:\n  raw: [a, b\n  out: x\n")
+    run = run_cli("prepare", "--params", str(bad_yaml), cwd=tmp_path)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert f"{bad_yaml}: not valid YAML: line 3, column " in run.stderr
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_run.train.phase_out(2), model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "net": {**config["net"],
+                                                                     "colour": 3}}))
+    a, b = pair
+    args = ["fuse", "--a", str(a), "--b", str(b), "-o", str(tmp_path / "f.png")]
+    run = run_cli(*args, "--model", str(model), cwd=tmp_path)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert f"{model / 'config.json'}: net: unknown key(s) ['colour']" in run.stderr
+
+    (model / "config.json").write_text(json.dumps({**config, "net": {**config["net"],
+                                                                     "channels": 16}}))
+    run = run_cli(*args, "--model", str(model), cwd=tmp_path)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert f"{model / 'model.safetensors'}: weights do not fit the network of config.json (" \
+           in run.stderr and "in the file" in run.stderr
+
+
+def test_paths_read_from_files_stay_inside_their_folder(tiny_run, tmp_path):
+    """A downloaded MLmodel naming its weights '../..' or an absolute path, and a manifest
+    whose pair paths leave their raw root: refused, naming the offending path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from fusion.data.prepared import split_pairs
+    from fusion.errors import BadInputError
+    from fusion.mlops.pyfunc import WEIGHTS, artifact
+
+    version = tmp_path / "version"
+    version.mkdir()
+    for crafted in ("../../elsewhere", "/etc"):
+        flavor = {"artifacts": {WEIGHTS: {"path": crafted}}}
+        (version / "MLmodel").write_text(yaml.safe_dump(
+            {"flavors": {"python_function": flavor}}))
+        with pytest.raises(BadInputError, match=f"artifact 'weights' path {crafted!r} leaves"):
+            artifact(version, WEIGHTS)
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    data = tmp_path / "prepared"
+    data.mkdir()
+    rows = {"id": ["raw/x"], "a_path": ["raw/../../secret.png"], "b_path": ["raw/vi/x.png"],
+            "split": ["val"]}
+    pq.write_table(pa.table(rows), data / "manifest.parquet")
+    with pytest.raises(BadInputError, match=r"a_path 'raw/\.\./\.\./secret\.png' leaves"):
+        split_pairs(str(data), "", "val", [str(raw)])

@@ -194,7 +194,7 @@ def test_every_yaml_file_parses(path):
 BIND = "${FUSION_BIND:-127.0.0.1}"
 # what a user must reach, and nothing else: MLflow's UI/API, Prefect's UI/API, MinIO's S3 API
 # (DVC and S3 clients outside the stack); Postgres, the Ray GCS/dashboard publish nothing
-PUBLISHED = {"mlflow": {5000}, "prefect-server": {4200}, "minio": {9000}}
+PUBLISHED = {"mlflow": {5000}, "prefect-server": {4200}, "minio": {9000}, "ray-head": {8000}}
 # who may see each variable of .env.example (the threat model of docs/security.md)
 SEEN_BY = {
     "MINIO_ROOT_USER": {"minio", "buckets"},
@@ -212,10 +212,12 @@ SEEN_BY = {
     "MLFLOW_ADMIN_USERNAME": {"mlflow", "mlflow-users"},
     "MLFLOW_ADMIN_PASSWORD": {"mlflow", "mlflow-users"},
     "MLFLOW_FLASK_SECRET_KEY": {"mlflow"},
-    "MLFLOW_PIPELINE_USERNAME": {"mlflow-users", "prefect-worker", "ray-head", "ray-worker"},
-    "MLFLOW_PIPELINE_PASSWORD": {"mlflow-users", "prefect-worker", "ray-head", "ray-worker"},
+    "MLFLOW_PIPELINE_USERNAME": {"mlflow-users", "prefect-worker", "ray-head", "ray-worker",
+                                 "serve"},
+    "MLFLOW_PIPELINE_PASSWORD": {"mlflow-users", "prefect-worker", "ray-head", "ray-worker",
+                                 "serve"},
     "PREFECT_AUTH_STRING": {"prefect-server", "prefect-worker"},
-    "RAY_AUTH_TOKEN": {"prefect-worker", "ray-head", "ray-worker"},
+    "RAY_AUTH_TOKEN": {"prefect-worker", "ray-head", "ray-worker", "serve"},
     "FUSION_GIT_URL": {"prefect-worker"},
     "FUSION_GIT_BRANCH": {"prefect-worker"},
 }
@@ -669,6 +671,11 @@ def _k8s_pods() -> list[tuple[str, dict]]:
         pods.append((f"raycluster {group['groupName']}", group["template"]["spec"]))
     (job,) = _yaml_docs(INFRA / "k8s/rayjob-train.yaml")
     pods.append(("rayjob submitter", job["spec"]["submitterPodTemplate"]["spec"]))
+    (service,) = _yaml_docs(INFRA / "k8s/rayservice.yaml")
+    serving = service["spec"]["rayClusterConfig"]
+    pods.append(("rayservice head", serving["headGroupSpec"]["template"]["spec"]))
+    for group in serving["workerGroupSpecs"]:
+        pods.append((f"rayservice {group['groupName']}", group["template"]["spec"]))
     template = json.loads((INFRA / "prefect/k8s-base-job-template.json").read_text())
     pods.append(("prefect flow pod",
                  template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]))
@@ -681,7 +688,7 @@ def _k8s_containers() -> list[tuple[str, dict, dict]]:
 
 
 def test_every_kubernetes_container_is_hardened():
-    assert len(_k8s_containers()) == 5
+    assert len(_k8s_containers()) == 7
     for where, container, pod in _k8s_containers():
         sc = container["securityContext"]
         assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 1000, where  # the image's user
@@ -963,3 +970,42 @@ def test_security_docs_are_linked():
     assert "../docs/security.md" in (INFRA / "README.md").read_text()
     for heading in ("anonymous", "MLflow", "Prefect", "worker", "Ray node"):
         assert heading.lower() in doc.lower(), heading
+
+
+# --- serving ---------------------------------------------------------------------------------
+
+def test_rayservice_deploys_the_application_fusion_serve_deploys():
+    """KubeRay's RayService imports the builder `fusion serve` uses, with params the image
+    holds and overrides that load; its head exposes the port the application listens on."""
+    import fusion.models  # noqa: F401
+    from fusion.serving import app
+
+    (service,) = _yaml_docs(INFRA / "k8s/rayservice.yaml")
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (application,) = config["applications"]
+    module, function = application["import_path"].split(":")
+    assert module == app.__name__ and list(inspect.signature(getattr(app, function))
+                                           .parameters) == ["args"]
+    args = application["args"]
+    assert args["params"] == "/app/params.yaml"  # COPY params.yaml in the image
+    assert "COPY params.yaml" in (INFRA / "Dockerfile").read_text()
+    params = load_params(REPO / "params.yaml", args["set"])
+    port = config["http_options"]["port"]
+    assert port == params.serve.port and application["route_prefix"] == "/"
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    assert {"containerPort": port, "name": "serve"} in head["containers"][0]["ports"]
+    env = {e["name"]: e.get("value") for e in head["containers"][0]["env"]}
+    assert env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] == "60"  # as fusion sets it
+
+
+def test_compose_serves_through_the_cli_on_the_published_port():
+    services = _compose()["services"]
+    command = services["serve"]["command"]
+    _check_fusion_command(command)
+    parser, _ = build_parser()
+    args = parser.parse_args(command[1:])
+    assert args.stage == "serve" and args.address == "ray-head:6379"
+    params = load_params(REPO / "params.yaml", args.overrides)
+    assert params.serve.host == "0.0.0.0"  # inside the network; published on the bind address
+    assert f"{BIND}:{params.serve.port}:{params.serve.port}" in services["ray-head"]["ports"]
+    assert params.serve.proxy_location == "HeadOnly"  # the proxy is the head's

@@ -8,15 +8,17 @@ This module imports no torch, so input checks answer fast.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from fusion.errors import BadInputError, FusionError
+from fusion.files import write_error
 
 SUPPORTED_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 DEFAULT_MAX_PIXELS = 50_000_000  # data.max_pixels: about 8660x5770
@@ -29,7 +31,7 @@ OUTPUT_FORMATS = {".png": (8, 16), ".tif": (8, 16), ".tiff": (8, 16), ".jpg": (8
 class ImageInfo:
     """What the header says, before decoding."""
 
-    path: Path
+    path: Path | Upload
     width: int
     height: int
     channels: int  # 1 grey, 3 colour
@@ -94,7 +96,31 @@ def _pixels(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
-def _open(path: Path) -> Image.Image:
+@dataclass(frozen=True)
+class Upload:
+    """An image that arrived as bytes (an HTTP upload), named for error messages; read like
+    a file, its format decided by its content (``UPLOAD_FORMATS``), not by its name."""
+
+    name: str
+    data: bytes = field(repr=False)
+
+    def __fspath__(self) -> str:  # errors name it like a file
+        return self.name
+
+    __str__ = __fspath__
+
+    def suffix(self) -> str:
+        """The file suffix of its format, from its content (after ``probe_image``)."""
+        with Image.open(io.BytesIO(self.data)) as im:
+            return UPLOAD_FORMATS[im.format]
+
+
+UPLOAD_FORMATS = {"PNG": ".png", "TIFF": ".tif"}  # what the serving endpoint takes
+
+
+def _open(path: Path | Upload) -> Image.Image:
+    if isinstance(path, Upload):
+        return _open_upload(path)
     if path.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise BadInputError(path, f"unsupported format {path.suffix or '(no suffix)'!r}")
     try:
@@ -114,15 +140,36 @@ def _open(path: Path) -> Image.Image:
         raise BadInputError(path, f"cannot decode image ({exc})") from exc
 
 
-def _check_size(path: Path, width: int, height: int, max_pixels: int) -> None:
+def _open_upload(upload: Upload) -> Image.Image:
+    if not upload.data:
+        raise BadInputError(upload, "empty upload")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(upload.data))
+    except UnidentifiedImageError as exc:
+        raise BadInputError(upload, "cannot decode image (not an image file)") from exc
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BadInputError(upload, f"cannot decode image ({exc})") from exc
+    if im.format not in UPLOAD_FORMATS:
+        raise BadInputError(upload, f"unsupported format {im.format!r}; send "
+                                    f"{' or '.join(UPLOAD_FORMATS)}")
+    return im
+
+
+class TooLargeError(BadInputError):
+    """An image over ``data.max_pixels``, known from its header before a byte is decoded."""
+
+
+def _check_size(path: Path | Upload, width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
-        raise BadInputError(path, f"{width}x{height} is {width * height / 1e6:.0f} MP, over the "
+        raise TooLargeError(path, f"{width}x{height} is {width * height / 1e6:.0f} MP, over the "
                                   f"limit of {max_pixels / 1e6:.0f} MP (data.max_pixels)")
 
 
-def probe_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+def probe_image(path: str | Path | Upload, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     """Size, channels and bit depth from the header alone (nothing is decoded)."""
-    path = Path(path)
+    path = path if isinstance(path, Upload) else Path(path)
     with _open(path) as im:
         try:
             channels, bits = _mode_info(im.mode)
@@ -132,9 +179,9 @@ def probe_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
         return ImageInfo(path, im.width, im.height, channels, bits)
 
 
-def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> SourceImage:
+def read_image(path: str | Path | Upload, max_pixels: int = DEFAULT_MAX_PIXELS) -> SourceImage:
     """Decode ``path`` fully, or raise :class:`BadInputError` naming the file and the reason."""
-    path = Path(path)
+    path = path if isinstance(path, Upload) else Path(path)
     im = _open(path)
     try:
         with im:
@@ -208,27 +255,36 @@ def output_format(path: str | Path, bits: int, colour: bool) -> str:
     return suffix
 
 
-def write_image(pixels: np.ndarray, path: str | Path) -> Path:
-    """Write grey or RGB, 8 or 16 bit, in the format the suffix names (atomically).
+def encode_image(pixels: np.ndarray, suffix: str) -> bytes:
+    """Grey or RGB, 8 or 16 bit, as the bytes of an image file of format ``suffix``.
 
-    Pillow writes everything but 16-bit colour, which OpenCV writes (PNG or TIFF)."""
+    Pillow encodes everything but 16-bit colour, which OpenCV encodes (PNG or TIFF)."""
+    if pixels.ndim == 3 and pixels.dtype == np.uint16:
+        import cv2
+
+        done, data = cv2.imencode(suffix, np.ascontiguousarray(pixels[..., ::-1]))
+        if not done:
+            raise OSError(f"OpenCV could not encode {suffix}")
+        return data.tobytes()
+    buffer = io.BytesIO()
+    image = Image.fromarray(pixels)
+    kind = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF",
+            ".bmp": "BMP"}[suffix]
+    image.save(buffer, kind, **({"quality": 95} if kind == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def write_image(pixels: np.ndarray, path: str | Path) -> Path:
+    """Write grey or RGB, 8 or 16 bit, in the format the suffix names (atomically)."""
     path = Path(path)
-    colour = pixels.ndim == 3
-    suffix = output_format(path, 16 if pixels.dtype == np.uint16 else 8, colour)
+    suffix = output_format(path, 16 if pixels.dtype == np.uint16 else 8, pixels.ndim == 3)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{suffix}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if colour and pixels.dtype == np.uint16:
-            import cv2
-
-            if not cv2.imwrite(str(tmp), np.ascontiguousarray(pixels[..., ::-1])):
-                raise OSError(f"OpenCV could not write {suffix}")
-        else:
-            Image.fromarray(pixels).save(tmp, quality=95) if suffix in (".jpg", ".jpeg") \
-                else Image.fromarray(pixels).save(tmp)
+        tmp.write_bytes(encode_image(pixels, suffix))
         tmp.replace(path)
     except OSError as exc:
-        raise BadInputError(path, f"cannot write ({exc.strerror or exc})") from exc
+        raise write_error(path, exc) from exc
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -16,10 +16,12 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
+from typing import Any
 
 from fusion.data.images import SUPPORTED_SUFFIXES
 from fusion.errors import BadInputError, FusionError
+from fusion.files import filesystem
 
 A_FOLDERS = {"ir": "ir", "infrared": "ir", "mri": "mri"}
 B_FOLDERS = {"vi": "vi", "vis": "vi", "visible": "vi", "ct": "ct", "pet": "pet", "spect": "spect"}
@@ -51,7 +53,7 @@ class Reject:
 class Stems:
     """A folder's image files by stem: the unique ones, and those sharing a stem."""
 
-    folder: Path
+    folder: PurePath
     unique: dict[str, Path] = field(default_factory=dict)
     ambiguous: dict[str, list[Path]] = field(default_factory=dict)
     unsupported: list[Path] = field(default_factory=list)
@@ -88,6 +90,38 @@ def files_by_stem(folder: str | Path, root: Path | None = None,
         else:
             stems.unique[stem] = files[0]
     return stems
+
+
+def stems_at(uri: str, endpoint: str = "") -> tuple[Stems, Any]:
+    """``files_by_stem`` of a local folder or an ``s3://bucket/prefix`` (one level, hidden
+    names skipped), and the pyarrow filesystem its paths are on (local paths absolute,
+    S3 paths ``bucket/key``)."""
+    import pyarrow.fs as pafs
+
+    root, fs = filesystem(uri, endpoint, "input folder")
+    info = fs.get_file_info(root)
+    if info.type != pafs.FileType.Directory and not (uri.startswith("s3://")
+                                                      and info.type == pafs.FileType.NotFound):
+        raise BadInputError(uri, "folder not found")
+    stems = Stems(PurePosixPath(uri))
+    by_stem: dict[str, list[PurePosixPath]] = defaultdict(list)
+    for entry in sorted(fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)),
+                        key=lambda e: e.path):
+        path = PurePosixPath(entry.path)
+        if path.name.startswith(".") or entry.type != pafs.FileType.File:
+            continue
+        if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+            stems.unsupported.append(path)
+            continue
+        by_stem[path.stem].append(path)
+    if not by_stem:
+        raise BadInputError(uri, "no images (PNG, JPEG, BMP, TIFF) in this folder")
+    for stem, files in by_stem.items():
+        if len(files) > 1:
+            stems.ambiguous[stem] = files
+        else:
+            stems.unique[stem] = files[0]
+    return stems, fs
 
 
 def pair_stems(a: Stems, b: Stems

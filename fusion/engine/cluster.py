@@ -35,6 +35,10 @@ WORKER_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     # Ray Data's INFO lines (execution plans, "execution finished") filled the flow logs
     "RAY_DATA_LOG_LEVEL": "WARNING",
+    # Ray Serve's HTTP proxy must answer its readiness check within 5 s by default: a new
+    # proxy process on a busy 2-core node took longer to import, was killed and restarted
+    # over and over, and `fusion serve` gave up
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
 }
 
 

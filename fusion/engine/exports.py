@@ -56,12 +56,16 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     return config
 
 
-def net_params(config: dict[str, Any]) -> Any:
-    """The network sizes an export was trained with, typed by its family."""
+def net_params(config: dict[str, Any], where: str | Path = CONFIG_FILE) -> Any:
+    """The network sizes an export was trained with, typed by its family; errors name the
+    config file (``where``)."""
     from fusion.params import typed
 
     family = get_family(config["family"])
-    return typed(type(family.config().net), config["net"], f"{config['family']}.net")
+    try:
+        return typed(type(family.config().net), config.get("net"), "net")
+    except FusionError as exc:
+        raise FusionError(f"{where}: {exc}") from exc
 
 
 def load_weights(folder: str | Path) -> Weights:
@@ -86,13 +90,36 @@ def load_model(folder: str | Path, device: str = "cpu") -> nn.Module:
 
     config = read_config(folder)
     family = get_family(config["family"])
-    model = family.network_module().build(net_params(config))
+    model = family.network_module().build(net_params(config, Path(folder) / CONFIG_FILE))
     weights = Path(folder) / MODEL_FILE
     try:
-        model.load_state_dict(load_file(weights, device="cpu"))
-    except (OSError, RuntimeError, SafetensorError) as exc:
+        state = load_file(weights, device="cpu")
+    except (OSError, SafetensorError) as exc:
         raise FusionError(f"{weights}: cannot load weights ({exc})") from exc
+    mismatch = weights_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise FusionError(f"{weights}: weights do not fit the network of "
+                          f"{CONFIG_FILE} ({mismatch})")
+    model.load_state_dict(state)
     return model.to(device).eval()
+
+
+def weights_mismatch(expected: dict[str, Any], found: dict[str, Any]) -> str:
+    """Why a state dict does not fit a network, in one line ("" when it does)."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    shapes = [(k, tuple(found[k].shape), tuple(v.shape)) for k, v in expected.items()
+              if k in found and tuple(found[k].shape) != tuple(v.shape)]
+    parts = []
+    if shapes:
+        key, theirs, ours = shapes[0]
+        parts.append(f"{len(shapes)} tensor(s) of another shape, first {key}: {theirs} in the "
+                     f"file, {ours} in the network")
+    if missing:
+        parts.append(f"{len(missing)} missing, first {missing[0]}")
+    if extra:
+        parts.append(f"{len(extra)} unexpected, first {extra[0]}")
+    return "; ".join(parts)
 
 
 def weights_digest(folder: str | Path) -> str:

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusion.engine.exports import Weights
+from fusion.engine.exports import Weights, weights_mismatch
+from fusion.errors import FusionError
 from fusion.models import losses
 from fusion.params import Params
 
@@ -59,6 +60,10 @@ class Trainer:
         self.critic = self.code.build_critic(params.config.net) if self.spec.adversarial else None
         if init is not None:  # the previous phase's export, or a warm start
             net_sd, critic_sd = init
+            mismatch = weights_mismatch(self.model.state_dict(), net_sd)
+            if mismatch:
+                raise FusionError(f"{family.name} phase {phase}: the starting weights do not fit "
+                                  f"the network of model.{family.name}.net ({mismatch})")
             self.model.load_state_dict(net_sd)
             if self.critic is not None and critic_sd is not None:
                 self.critic.load_state_dict(critic_sd)

@@ -13,7 +13,6 @@ import numpy as np
 
 from fusion.errors import BadInputError, FusionError
 from fusion.inference.fuse import add_margin, crop_margin
-from fusion.params import Params
 
 META = "fusion"  # ONNX metadata key: family, padding multiple
 AXES = {2: "height", 3: "width"}  # the inputs' and output's dynamic dimensions
@@ -66,8 +65,10 @@ def export_onnx(model: Any, family: Any, path: Path, opset: int = 18) -> Path:
     return path
 
 
-def _session(path: Path, threads: int, size: tuple[int, int] | None = None) -> Any:
-    """An onnxruntime CPU session; with ``size``, height and width fixed to it."""
+def _session(path: Path, threads: int, size: tuple[int, int] | None = None,
+             gpu: bool = False) -> Any:
+    """An onnxruntime session, on the CPU or (``gpu``) CUDA first; with ``size``, height and
+    width fixed to it."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -75,7 +76,9 @@ def _session(path: Path, threads: int, size: tuple[int, int] | None = None) -> A
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     for name, value in zip(AXES.values(), size or (), strict=False):
         options.add_free_dimension_override_by_name(name, value)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    providers = ["CUDAExecutionProvider"] if gpu else []
+    return ort.InferenceSession(str(path), options,
+                                providers=[*providers, "CPUExecutionProvider"])
 
 
 class OnnxEngine:
@@ -90,26 +93,26 @@ class OnnxEngine:
     KEPT = 4  # fixed-size sessions kept, the least recently used dropped first
 
     def __init__(self, path: Path, session: Any, multiple: int, family: str,
-                 threads: int) -> None:
+                 threads: int, gpu: bool = False) -> None:
         self.path, self.session, self.multiple, self.family = path, session, multiple, family
-        self.threads = threads
+        self.threads, self.gpu = threads, gpu
         self.seen: set[tuple[int, int]] = set()
         self.fixed: OrderedDict[tuple[int, int], Any] = OrderedDict()
 
     @classmethod
-    def open(cls, path: str | Path, params: Params, threads: int = 0) -> OnnxEngine:
+    def open(cls, path: str | Path, threads: int = 0, gpu: bool = False) -> OnnxEngine:
         path = Path(path)
         if path.suffix != ".onnx" or not path.is_file():
             raise BadInputError(path, "--engine onnxruntime needs an .onnx file from "
                                       "`fusion export --onnx`")
         try:
-            session = _session(path, threads)
+            session = _session(path, threads, gpu=gpu)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BadInputError(path, f"not a readable ONNX model ({exc})") from exc
         meta = json.loads(session.get_modelmeta().custom_metadata_map.get(META, "{}"))
         if "multiple" not in meta:
             raise BadInputError(path, "not a fusion model export (no fusion metadata)")
-        return cls(path, session, int(meta["multiple"]), meta["family"], threads)
+        return cls(path, session, int(meta["multiple"]), meta["family"], threads, gpu)
 
     def _session_for(self, size: tuple[int, int]) -> Any:
         if size in self.fixed:
@@ -118,7 +121,7 @@ class OnnxEngine:
         if size not in self.seen:
             self.seen.add(size)
             return self.session
-        self.fixed[size] = _session(self.path, self.threads, size)
+        self.fixed[size] = _session(self.path, self.threads, size, self.gpu)
         if len(self.fixed) > self.KEPT:
             self.fixed.popitem(last=False)
         return self.fixed[size]

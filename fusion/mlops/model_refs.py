@@ -16,7 +16,7 @@ from fusion.errors import BadInputError
 from fusion.family import Family, get_family
 from fusion.inference.fuse import Engine, TileSpec, TorchEngine
 from fusion.mlops.connection import answering, connect
-from fusion.mlops.pyfunc import WEIGHTS, artifact_path
+from fusion.mlops.pyfunc import WEIGHTS, artifact
 from fusion.params import Params
 
 if TYPE_CHECKING:
@@ -57,22 +57,34 @@ def _check_alias(uri: str) -> None:
                                        f"{aliases}; versions: {versions})")
 
 
-def download(params: Params, ref: str) -> tuple[Path, str]:
-    """(local export folder, "models:/name/version") of a registry reference."""
-    import mlflow
+def version_of(params: Params, ref: str) -> str:
+    """``models:/<name>/<version>`` that a registry reference names now (an alias is
+    followed); a tracking server that does not answer is a TransientError."""
     from mlflow import MlflowClient
 
     uri = alias_uri(params, ref)
-    tracking = connect(params.mlflow)
-    with answering(tracking):
+    with answering(connect(params.mlflow)):
         _check_alias(uri)
         name, _, alias = uri.removeprefix("models:/").partition("@")
-        source = uri
-        if alias:
-            version = MlflowClient().get_model_version_by_alias(name, alias).version
-            source = f"models:/{name}/{version}"
-        root = Path(mlflow.artifacts.download_artifacts(source))
-    folder = root / artifact_path(root, WEIGHTS)
+        if not alias:
+            return uri
+        return f"models:/{name}/{MlflowClient().get_model_version_by_alias(name, alias).version}"
+
+
+def fetch(params: Params, ref: str) -> tuple[Path, str]:
+    """(local folder of the version's pyfunc, "models:/name/version") of a registry
+    reference; its artifacts by key: ``fusion.mlops.pyfunc.artifact``."""
+    import mlflow
+
+    source = version_of(params, ref)
+    with answering(connect(params.mlflow)):
+        return Path(mlflow.artifacts.download_artifacts(source)), source
+
+
+def download(params: Params, ref: str) -> tuple[Path, str]:
+    """(local export folder, "models:/name/version") of a registry reference."""
+    root, source = fetch(params, ref)
+    folder = artifact(root, WEIGHTS)
     read_config(folder)
     return folder, source
 
@@ -120,7 +132,7 @@ def open_engine(params: Params, ref: str, kind: str = "torch", device: str = "",
     if kind == "onnxruntime":
         from fusion.inference.onnx import OnnxEngine
 
-        return OnnxEngine.open(ref, params, threads=threads)
+        return OnnxEngine.open(ref, threads=threads)
     if not is_uri(alias_uri(params, ref)):
         read_config(ref)
     where = str(resolve_device(device or params.train.device))

@@ -11,22 +11,29 @@ from pathlib import Path
 import numpy as np
 
 from fusion.engine.exports import load_model, read_config
-from fusion.errors import FusionError
+from fusion.errors import BadInputError, FusionError
 
 WEIGHTS = "weights"  # artifact key of the exported model folder
 ONNX = "onnx"  # artifact key of the ONNX export
 ENTRY = Path(__file__).with_name("pyfunc_entry.py")
 
 
-def artifact_path(model_dir: Path, key: str) -> str:
-    """Where a logged pyfunc keeps artifact ``key``, relative to the model folder."""
+def artifact(model_dir: Path, key: str) -> Path:
+    """Where a logged pyfunc keeps artifact ``key``. The path is read from the downloaded
+    ``MLmodel`` file, which is data: one that is absolute or leaves the model's folder is
+    refused (exit 2, naming it), so a crafted version cannot load files from elsewhere."""
     import yaml
 
     flavor = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]
     try:
-        return flavor["artifacts"][key]["path"]
-    except KeyError:
+        relative = str(flavor["artifacts"][key]["path"])
+    except (KeyError, TypeError):
         raise FusionError(f"{model_dir}: the registered model has no {key!r} artifact") from None
+    path = (model_dir / relative).resolve()
+    if Path(relative).is_absolute() or not path.is_relative_to(model_dir.resolve()):
+        raise BadInputError(model_dir / "MLmodel", f"artifact {key!r} path {relative!r} leaves "
+                                                   "the model's folder")
+    return path
 
 
 def pyfunc_class():
