@@ -199,11 +199,12 @@ def read_image(path: str | Path | Upload, max_pixels: int = DEFAULT_MAX_PIXELS) 
     return SourceImage(np.ascontiguousarray(pixels))
 
 
-def size_mismatch(a_file: Path, a_size: tuple[int, int], b_file: Path,
+def size_mismatch(a_file: Path | Upload, a_size: tuple[int, int], b_file: Path | Upload,
                   b_size: tuple[int, int]) -> BadInputError:
     """The error for two sources of different sizes, naming both sides (on B's file)."""
-    def side(path: Path, size: tuple[int, int]) -> str:
-        return f"{path.parent.name}/{path.name} is {size[0]}x{size[1]}"
+    def side(path: Path | Upload, size: tuple[int, int]) -> str:
+        name = path.name if isinstance(path, Upload) else f"{path.parent.name}/{path.name}"
+        return f"{name} is {size[0]}x{size[1]}"
     return BadInputError(b_file, f"size mismatch: {side(a_file, a_size)}, "
                                  f"{side(b_file, b_size)}")
 
