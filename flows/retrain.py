@@ -3,7 +3,8 @@
 dvc pull (when a remote is configured) -> ``dvc repro prepare`` -> skip the rest when data
 and params are what the champion was trained from -> (search) -> ``dvc repro`` of
 train_phase1, train_phase2, evaluate, register -> ``fusion promote`` -> dvc push; then a
-markdown artifact with the metric table and the promotion decision.
+markdown artifact with the promotion decision, links to the version's model card and the
+metric table.
 
 Run once with the embedded defaults (local Ray, SQLite MLflow, ephemeral Prefect)::
 
@@ -28,6 +29,7 @@ from flows.tasks import dvc, flow_parser, fusion, has_remote, shared_ray, stage_
 from fusion.errors import FusionError
 from fusion.family import profile_update
 from fusion.metric_names import EIGHT as METRICS
+from fusion.mlops.model_card import card_uri, version_page
 from fusion.params import load_params, update_params_file
 
 PROFILES = Path(__file__).with_name("profiles")
@@ -81,8 +83,17 @@ def metric_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def card_links(record: dict[str, Any]) -> str:
+    """Where the registered version's model card is: its MLflow artifact URI and, for a
+    tracking server, the version's page in the MLflow UI."""
+    line = f"- model card: `{card_uri(record['run_id'])}`"
+    page = version_page(record["tracking_uri"], record["model_name"], record["version"])
+    return line + (f" ([version {record['version']} in MLflow]({page}))" if page else "")
+
+
 def report(repo: Path, status: dict[str, Any], decision: dict[str, Any] | None) -> str:
-    """The run's markdown: promotion decision and the evaluate stage's metric table."""
+    """The run's markdown: promotion decision, the model card's links and the evaluate
+    stage's metric table."""
     if decision is None:
         return (f"# Retraining skipped\n\nData and params are unchanged since champion "
                 f"version {status['champion']} of `{status['model']}` was trained "
@@ -90,10 +101,13 @@ def report(repo: Path, status: dict[str, Any], decision: dict[str, Any] | None) 
     verdict = "promoted to champion" if decision["promoted"] else "not promoted"
     params = load_params(repo / "params.yaml")
     summary = json.loads((repo / params.evaluate.out / "summary.json").read_text())
+    registered = repo / params.mlflow.registered
+    card = (card_links(json.loads(registered.read_text())) + "\n" if registered.exists()
+            else "")
     return (f"# Retraining: `{decision['model']}` version {decision['challenger']} {verdict}\n\n"
             f"- reason: {decision['reason']}\n- champion now: version {decision['champion']} "
             f"(before: {decision['champion_before'] or 'none'})\n"
-            f"- weighted gain over the champion: {decision['score']:+.2%}\n\n"
+            f"- weighted gain over the champion: {decision['score']:+.2%}\n{card}\n"
             f"## Evaluation (model vs. mean / max fusion)\n\n{metric_table(summary)}\n")
 
 

@@ -174,6 +174,7 @@ def test_retrain_flow_end_to_end_produces_a_champion_and_a_report(retrained, sta
     markdown = reply.raise_for_status().json()[0]["data"]
     assert "version 1 promoted to champion" in markdown
     assert "| tno | model |" in markdown and "| tno | mean |" in markdown
+    assert f"runs:/{record['run_id']}/model_card/model_card.md" in markdown
     # dvc.lock is the record: the pipeline is up to date and its outputs were pushed
     env = {**os.environ, **stack}
     assert "Data and pipelines are up to date" in run_cmd("dvc", "repro", cwd=repo, env=env)
@@ -406,3 +407,18 @@ def test_profiles_and_params_files_merge_into_params_yaml(tmp_path):
     assert (repo / "params.yaml").read_text() == before  # untouched on a bad override
     with pytest.raises(FusionError, match="profiles"):
         apply_params(repo, "params.yaml", "nope")
+
+
+def test_the_retrain_report_links_the_model_card():
+    """The flow's markdown names the card's MLflow URI and, for a tracking server, links
+    the version's page in the MLflow UI (credentials in the URI left out)."""
+    from flows.retrain import card_links
+
+    record = {"run_id": "0123abcd", "model_name": "dae-fuse", "version": "3",
+              "tracking_uri": "https://reader:dummy-token@mlflow.example:8443/prefix/"}
+    line = card_links(record)
+    assert "`runs:/0123abcd/model_card/model_card.md`" in line
+    assert "(https://mlflow.example:8443/prefix/#/models/dae-fuse/versions/3)" in line
+    assert "dummy-token" not in line and "reader" not in line
+    local = card_links({**record, "tracking_uri": "sqlite:///mlflow.db"})
+    assert local == "- model card: `runs:/0123abcd/model_card/model_card.md`"

@@ -131,6 +131,71 @@ def test_register_logs_the_pipeline_and_the_first_version_becomes_champion(sqlit
         promote(params)
 
 
+def test_every_registered_version_has_a_model_card(sqlite_params, tmp_path, monkeypatch):
+    """register logs model_card/ to the version's run: it names the lineage, carries the
+    evaluation table beside the baselines (summary.json's numbers) and its images open; the
+    description summarises it. A server that dies while the card is logged is a
+    TransientError (exit 75) and the rerun writes the card; promote appends its decision."""
+    import re
+
+    import requests
+    from PIL import Image
+
+    from fusion.errors import TransientError
+    from fusion.metric_names import EIGHT
+    from fusion.mlops.model_card import CARD, CARD_DIR
+
+    params, name = sqlite_params, sqlite_params.model_name
+    summary = _evaluate(params)["tno"]
+    log_artifacts = MlflowClient.log_artifacts
+
+    def dies_on_the_card(self, run_id, local_dir, artifact_path=None):
+        if artifact_path == CARD_DIR:
+            raise requests.exceptions.ConnectionError("connection refused")
+        return log_artifacts(self, run_id, local_dir, artifact_path)
+
+    monkeypatch.setattr(MlflowClient, "log_artifacts", dies_on_the_card)
+    with pytest.raises(TransientError, match="stopped answering"):
+        register(params)
+    assert _aliases(name) == {} and not Path(params.mlflow.registered).exists()
+    monkeypatch.setattr(MlflowClient, "log_artifacts", log_artifacts)
+    record = register(params)  # finds the version it created, writes the card
+    assert record["version"] == "1" and _aliases(name) == {"challenger": "1"}
+    assert record["model_card"] == f"runs:/{record['run_id']}/{CARD_DIR}/{CARD}"
+
+    def card(where: str) -> tuple[str, Path]:
+        folder = Path(mlflow.artifacts.download_artifacts(
+            run_id=record["run_id"], artifact_path=CARD_DIR, dst_path=str(tmp_path / where)))
+        return (folder / CARD).read_text(), folder
+
+    text, folder = card("registered")
+    assert "| lineage | `scratch`: trained from scratch |" in text
+    for method in ("model", "two-scale"):  # the raw table, as summary.json holds it
+        cells = " | ".join(f"{summary[method][m]:.3f}" for m in EIGHT)
+        label = "**model**" if method == "model" else method
+        assert f"| {label} | {cells} |" in text, method
+    assert "not a diagnostic device" in text.lower() and "registered" in text.lower()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert {"phase1_curve.png", "phase2_curve.png", "grid_tno.png"} <= set(images)
+    for image in images:
+        with Image.open(folder / image) as im:
+            im.verify()
+    gain = weighted_gain(summary["model"], summary["two-scale"], params.promote.weights)
+    description = MlflowClient().get_model_version(name, "1").description
+    first, *rest = description.splitlines()
+    assert first.startswith("challenger: not judged")
+    assert f"tno {gain:+.2%}" in description and "lineage: scratch" in description
+    assert rest[-1] == f"model card: {record['model_card']}"
+
+    result = promote(params)
+    assert result["promoted"]
+    text, _ = card("promoted")
+    assert "- decision: **promoted**" in text and f"- reason: {result['reason']}" in text
+    description = MlflowClient().get_model_version(name, "1").description
+    assert description.splitlines()[0] == f"promoted: {result['reason']}"
+    assert description.splitlines()[1:] == rest
+
+
 def test_promotion_rule_guard_and_rollback(sqlite_params):
     params = dataclasses.replace(sqlite_params, promote=dataclasses.replace(
         sqlite_params.promote, min_improvement=-0.01))
@@ -154,8 +219,17 @@ def test_promotion_rule_guard_and_rollback(sqlite_params):
     assert tags["promotion.decision"] == "rejected" and tags["promotion.compared_to"] == "2"
     numbers = json.loads(tags["promotion.numbers"])
     assert set(numbers) == {"challenger", "champion", "gains"}
+    client = MlflowClient()
+    assert client.get_model_version(name, "3").description.startswith("rejected: ")
     assert rollback(params)["champion"] == "1"
     assert _aliases(name) == {"champion": "1"}
+    # the rolled-back version's card and description say so
+    assert client.get_model_version(name, "2").description.startswith(
+        "rolled back: champion moved back to version 1")
+    card = Path(mlflow.artifacts.download_artifacts(
+        run_id=client.get_model_version(name, "2").run_id,
+        artifact_path="model_card/model_card.md", dst_path=str(params.evaluate.out + "-card")))
+    assert "**rolled back**" in card.read_text()
     with pytest.raises(FusionError, match="nothing to roll back"):
         rollback(params)
 

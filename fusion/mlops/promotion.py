@@ -13,7 +13,9 @@ promoted when
    ``promote.min_improvement`` and no weighted metric drops by more than
    ``promote.max_drop`` on any set.
 
-The decision and the numbers are written as tags on the challenger version either way.
+The decision and the numbers are written as tags on the challenger version either way, and
+appended to its model card (``fusion.mlops.model_card``), whose first description line
+then states it.
 Each decision records the champion it replaced, which ``--rollback`` restores. A
 challenger older than the newest version the pipeline registered is not judged: that
 registration did not finish (rerun ``fusion register``).
@@ -39,6 +41,7 @@ from typing import Any
 from fusion.errors import FusionError
 from fusion.evaluation.gain import relative_gain, weighted_gain
 from fusion.mlops.connection import answering, connect
+from fusion.mlops.model_card import refresh_card
 from fusion.mlops.model_refs import CHALLENGER, CHAMPION
 from fusion.mlops.register import REGISTRATION
 from fusion.params import Params, PromoteParams
@@ -174,6 +177,7 @@ def promote(params: Params) -> dict:
             tags["promotion.previous_champion"] = champion or "none"
         for key, value in tags.items():
             client.set_model_version_tag(name, challenger, key, value)
+        refresh_card(client, name, challenger)  # before the aliases: a rerun decides again
         if decision.promote:
             client.set_registered_model_alias(name, CHAMPION, challenger)
         client.delete_registered_model_alias(name, CHALLENGER)
@@ -219,5 +223,6 @@ def rollback(params: Params) -> dict:
             raise FusionError(f"model {name!r}: champion version {current} replaced no "
                               "earlier champion; nothing to roll back to")
         client.set_model_version_tag(name, current, "promotion.rolled_back", "true")
+        refresh_card(client, name, current)
         client.set_registered_model_alias(name, CHAMPION, previous)
     return {"model": name, "champion_before": current, "champion": previous}

@@ -3,8 +3,8 @@
 
 ``register`` is resumable: the version it creates carries a registration key (model
 weights and evaluation); a rerun after any failure finds that version instead of creating
-another, then sets ``challenger``. ``registered.json`` is removed first and written last,
-so it is never stale.
+another, (re)writes its model card (``fusion.mlops.model_card``), then sets ``challenger``.
+``registered.json`` is removed first and written last, so it is never stale.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from fusion.errors import FusionError
 from fusion.evaluation.evaluate import EVALUATED, PER_IMAGE, REPORT, SUMMARY
 from fusion.files import sha256_file, write_text
 from fusion.mlops.connection import answering, connect
+from fusion.mlops.model_card import log_card
 from fusion.mlops.model_refs import CHALLENGER
 from fusion.mlops.pipeline_runs import child_run, experiment_id, pipeline_run
 from fusion.mlops.provenance import git_commit, sha_or_missing
@@ -96,10 +97,14 @@ def register(params: Params) -> dict[str, Any]:
         from mlflow import MlflowClient
 
         client = MlflowClient()
+        # the card before the alias: a failure leaves no challenger, and the rerun that
+        # finds the version writes the card again
+        card = log_card(client, params, name, version, digest)
         client.set_registered_model_alias(name, CHALLENGER, version)
         run_id = client.get_model_version(name, version).run_id
     record = {"tracking_uri": uri, "model_name": name, "version": version, "run_id": run_id,
-              "model_uri": f"models:/{name}/{version}", "model_sha256": digest}
+              "model_uri": f"models:/{name}/{version}", "model_sha256": digest,
+              "model_card": card}
     write_text(registered, json.dumps(record, indent=2) + "\n")
     return record
 
