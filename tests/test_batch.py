@@ -78,7 +78,7 @@ def test_batch_fusion_resumes_after_a_lost_node_and_equals_folder_mode(
 
     client = boto3.client("s3", endpoint_url=s3_server)
     parts = [o["Key"] for o in client.list_objects_v2(Bucket="batch", Prefix="out/manifest/")
-             ["Contents"]]
+             ["Contents"] if o["Key"].endswith(".parquet")]
     rows = []
     for key in parts:
         path = tmp_path / Path(key).name
@@ -98,7 +98,10 @@ def test_batch_fusion_resumes_after_a_lost_node_and_equals_folder_mode(
         ours = np.asarray(Image.open(path))
         original = row["pair"].rsplit("-", 1)[0]
         theirs = np.asarray(Image.open(tmp_path / "local" / f"{original}.png"))
-        assert np.array_equal(ours, theirs), row["pair"]
+        # the same engine and model: equal but for onnxruntime's multi-threaded float sums,
+        # which can flip a value at .5 when rounded to 8 bits (3 of 500 000 seen)
+        diff = np.abs(ours.astype(int) - theirs)
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-4, (row["pair"], diff.max())
         assert hashlib.sha256(path.read_bytes()).hexdigest() == row["output_sha256"]
 
 

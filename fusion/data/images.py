@@ -99,10 +99,11 @@ def _pixels(im: Image.Image) -> np.ndarray:
 @dataclass(frozen=True)
 class Upload:
     """An image that arrived as bytes (an HTTP upload), named for error messages; read like
-    a file, its format decided by its content (``UPLOAD_FORMATS``), not by its name."""
+    a file, its format decided by its content (one of ``formats``), not by its name."""
 
     name: str
     data: bytes = field(repr=False)
+    formats: tuple[str, ...] = ("PNG", "TIFF")  # what the serving endpoint takes
 
     def __fspath__(self) -> str:  # errors name it like a file
         return self.name
@@ -112,10 +113,11 @@ class Upload:
     def suffix(self) -> str:
         """The file suffix of its format, from its content (after ``probe_image``)."""
         with Image.open(io.BytesIO(self.data)) as im:
-            return UPLOAD_FORMATS[im.format]
+            return FORMATS[im.format]
 
 
-UPLOAD_FORMATS = {"PNG": ".png", "TIFF": ".tif"}  # what the serving endpoint takes
+# Pillow's format names of what files may hold (SUPPORTED_SUFFIXES), and their suffix
+FORMATS = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "TIFF": ".tif", "MPO": ".jpg"}
 
 
 def _open(path: Path | Upload) -> Image.Image:
@@ -151,9 +153,9 @@ def _open_upload(upload: Upload) -> Image.Image:
         raise BadInputError(upload, "cannot decode image (not an image file)") from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise BadInputError(upload, f"cannot decode image ({exc})") from exc
-    if im.format not in UPLOAD_FORMATS:
+    if im.format not in upload.formats:
         raise BadInputError(upload, f"unsupported format {im.format!r}; send "
-                                    f"{' or '.join(UPLOAD_FORMATS)}")
+                                    f"{' or '.join(upload.formats)}")
     return im
 
 

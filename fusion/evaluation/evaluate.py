@@ -130,8 +130,9 @@ def score_sets(candidates: list[Candidate], sets: list[BenchmarkSet], params: Pa
             fused, floats = {}, {}  # as saved (8-bit, read back) and before rounding
             for c in candidates:
                 path = workdir / c.label / bench.name / f"{stem}.png"
-                floats[c.label] = fuse_files(c.engine, a_path, b_path, path,
-                                             params.data.max_pixels).luma * 255.0
+                luma = fuse_files(c.engine, a_path, b_path, path, params.data.max_pixels).luma
+                # a model that outputs NaN is scored as the PNG it wrote (NaN as 0), not a crash
+                floats[c.label] = np.nan_to_num(luma, nan=0.0) * 255.0
                 fused[c.label] = read_grey(path)
             for method, f in baselines(a, b, params.evaluate.two_scale).items():
                 floats[method], fused[method] = f, np.round(f)

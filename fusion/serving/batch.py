@@ -131,7 +131,7 @@ class FuseWorker:
         return path
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        from fusion.data.images import Upload, encode_image, probe_image, read_image
+        from fusion.data.images import FORMATS, Upload, encode_image, probe_image, read_image
         from fusion.inference.fuse import fuse_images, plan
 
         rows: dict[str, list] = {k: [] for k in (*COLUMNS, "error")}
@@ -141,7 +141,7 @@ class FuseWorker:
                    "version": self.model.version, "run": self.run, "a_sha256": "",
                    "b_sha256": "", "output": "", "output_sha256": "", "error": ""}
             try:
-                sources = [Upload(str(p), self._read(str(p))) for p in (a, b)]
+                sources = [Upload(str(p), self._read(str(p)), tuple(FORMATS)) for p in (a, b)]
                 plan(*(probe_image(s, self.max_pixels) for s in sources))
                 fused = fuse_images(self.engine, *(read_image(s, self.max_pixels)
                                                    for s in sources))
@@ -192,16 +192,24 @@ def _write_part(fs: Any, out_root: str, rows: list[dict[str, Any]], run: str,
         fs.move(tmp, name)
 
 
+def _endpoint(params: Params) -> str:
+    """The S3 endpoint this process resolves (``batch.storage_endpoint``, else
+    ``$AWS_ENDPOINT_URL``), handed to the workers: a node started without that variable
+    would look for the bucket on AWS."""
+    from fusion.s3 import s3_endpoint
+
+    return s3_endpoint(params.batch.storage_endpoint)
+
+
 def pairs_to_fuse(params: Params, a: str, b: str, out: str
                   ) -> tuple[list[dict[str, str]], BatchReport, Any, str]:
     """The pairs still to fuse, what is already done or cannot be paired, and the output's
     filesystem and root. A stem two files share on one side is refused here."""
-    endpoint = params.batch.storage_endpoint
+    endpoint = _endpoint(params)
     (sa, _), (sb, _) = stems_at(a, endpoint), stems_at(b, endpoint)
-    for side in (sa, sb):
+    for side, uri in ((sa, a), (sb, b)):
         if side.ambiguous:
-            stem = sorted(side.ambiguous)[0]
-            raise BadInputError(f"{side.folder}", side.reason(stem))
+            raise BadInputError(uri, side.reason(sorted(side.ambiguous)[0]))
     pairs, problems = pair_stems(sa, sb)
     report = BatchReport(errors=[f"{path}: {reason}" for _, path, reason in problems])
     out_root, fs = filesystem(out, endpoint, "-o")
@@ -237,16 +245,26 @@ def _check_model(fs: Any, out_root: str, model: BatchModel) -> None:
 def _batches(dataset: Any) -> Any:
     """The workers' rows as they come; a worker's failure (a full disk, a lost node beyond
     the retries) is one line naming its cause (exit 75), not Ray's traceback."""
-    import ray.exceptions
-
     try:
         yield from dataset.iter_batches(batch_size=None, batch_format="pandas")
-    except ray.exceptions.RayError as exc:
-        cause = getattr(exc, "cause", None) or exc
+    except Exception as exc:
+        cause = _root(exc)
         if isinstance(cause, FusionError):
             raise cause from exc
         lines = str(cause).strip().splitlines() or [type(cause).__name__]
-        raise TransientError(f"fuse (ray): {type(cause).__name__}: {lines[0][:300]}") from exc
+        raise TransientError(f"fuse (ray): {type(cause).__name__}: {lines[-1][:300]}") from exc
+
+
+def _root(exc: BaseException) -> BaseException:
+    """The exception under Ray's wrappers (RayTaskError, Ray Data's UserCodeException)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if inner is None:
+            return exc
+        exc = inner
+    return exc
 
 
 def fuse_on_cluster(params: Params, ref: str, a: str, b: str, out: str,
@@ -271,11 +289,12 @@ def fuse_on_cluster(params: Params, ref: str, a: str, b: str, out: str,
     fused = rows.map_batches(
         FuseWorker, batch_size=s.pairs_per_batch, concurrency=s.workers,
         num_cpus=s.cpus_per_worker, num_gpus=1 if s.use_gpu else 0,
-        fn_constructor_kwargs={"model": ray.put(model), "out": out, "run": run,
-                               "endpoint": s.storage_endpoint,
+        fn_constructor_kwargs={"model": model, "out": out, "run": run,
+                               "endpoint": _endpoint(params),
                                "max_pixels": params.data.max_pixels,
-                               "threads": max(1, int(s.cpus_per_worker)), "gpu": s.use_gpu},
-        ray_remote_args={"max_restarts": 3, "max_task_retries": 3})
+                               "threads": max(1, int(s.cpus_per_worker)), "gpu": s.use_gpu})
+    # Ray Data restarts an actor lost with its node and retries its pairs (its defaults:
+    # no limit); a pair fused twice that way was never recorded, so the manifest holds it once
     pending, written, last = [], 0, time.time()
     bar = iter(progress(range(len(todo)), "fuse (ray)", total=len(todo), unit="pair"))
     for batch in _batches(fused):
