@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fusion.family import WeightRange
+
 
 @dataclass(frozen=True)
 class GateWeights:
@@ -14,9 +16,18 @@ class GateWeights:
 
     w_vif: float = 1.0
     w_qabf: float = 1.0
-    w_ssim: float = 1.0
-    w_scd: float = 0.5
-    guard: float = 2.0
+    w_ssim: float = 1.5
+    w_scd: float = 1.0
+    guard: float = 4.0
 
     def gains(self) -> dict[str, float]:
         return {"VIF": self.w_vif, "Qabf": self.w_qabf, "SSIM": self.w_ssim, "SCD": self.w_scd}
+
+
+def gate_space() -> list[WeightRange]:
+    """Where ``fusion search`` looks for the gate loss's weights (every family's phase 2)."""
+    return [WeightRange("phase2.w_vif", 0.3, 3.0, True),
+            WeightRange("phase2.w_qabf", 0.3, 3.0, True),
+            WeightRange("phase2.w_ssim", 0.3, 5.0, True),
+            WeightRange("phase2.w_scd", 0.2, 5.0, True),
+            WeightRange("phase2.guard", 1.0, 10.0, True)]

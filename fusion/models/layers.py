@@ -417,6 +417,7 @@ def two_scale(a: torch.Tensor, b: torch.Tensor, sigma: float, ceiling: float,
 
 
 SHARPNESS = 50.0  # the learned base weight's prior: sigmoid(50 x base difference)
+SIGNAL = 0.05  # where both bases are darker than this, the head fades out: the rule stays
 
 
 def learned_two_scale(logits: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sigma: float,
@@ -425,9 +426,12 @@ def learned_two_scale(logits: torch.Tensor, a: torch.Tensor, b: torch.Tensor, si
     (N, 3, H, W): the base weight of A is a sharp sigmoid of the base difference (the
     brighter base wins) shifted by the first, and each detail gain is the exponential of
     another. Zero logits are the training-free rule, so training starts from it and has
-    to improve on it. Returns (fused, base weight of A)."""
+    to improve on it. The head's say fades to nothing where both bases are dark (below
+    ``SIGNAL``): dark background (MRI's, the night sky's) stays as the rule has it, where
+    no training patch taught the head anything. Returns (fused, base weight of A)."""
     bases = low_pass(torch.cat([a, b], 1), sigma).chunk(2, 1)
-    shift, log_ga, log_gb = logits.chunk(3, 1)
+    say = (torch.maximum(*bases) / SIGNAL).clamp(max=1.0)
+    shift, log_ga, log_gb = (say * x for x in logits.chunk(3, 1))
     weight = torch.sigmoid(SHARPNESS * (bases[0] - bases[1]) + shift)
     return (two_scale(a, b, sigma, ceiling, weight, log_ga.exp(), log_gb.exp(), bases),
             weight)

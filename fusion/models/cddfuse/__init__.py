@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fusion.family import Family, Phase, WeightRange, register_family
-from fusion.models.gate_weights import GateWeights
+from fusion.models.gate_weights import GateWeights, gate_space
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,9 @@ class FusionLoss(GateWeights):
 
 
 def _space() -> list[WeightRange]:
-    return [WeightRange("phase1.w_decomp", 0.2, 5.0, True),
-            WeightRange("phase2.w_int", 0.2, 5.0, True),
-            WeightRange("phase2.w_grad", 1.0, 30.0, True),
-            WeightRange("phase2.w_decomp", 0.2, 5.0, True)]
+    """Phase 2's weights (searches warm-start from a phase-1 model): the gate loss's and
+    the family's own."""
+    return [*gate_space(), WeightRange("phase2.w_decomp", 0.2, 5.0, True)]
 
 
 @dataclass(frozen=True)

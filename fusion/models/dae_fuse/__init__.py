@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fusion.family import Family, Phase, WeightRange, register_family
-from fusion.models.gate_weights import GateWeights
+from fusion.models.gate_weights import GateWeights, gate_space
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,9 @@ class Net:
     decoder_blocks: int = 1
     disc_channels: int = 32
     disc_layers: int = 4
-    # "prior": a learned correction (zero at initialisation) of a fixed base/detail rule, max
-    # of the low-pass sources plus both sources' detail (docs/quality.md), so training starts
-    # above mean fusion; "decoder": the paper's decoder writes the fused image
+    # "prior": the decoder predicts per-pixel weights of the two-scale rule (the brighter
+    # low-pass base plus both sources' detail; a zero head is the rule, docs/quality.md), so
+    # phase II starts from the rule; "decoder": the paper's decoder writes the fused image
     fusion_head: str = "prior"
     prior_sigma: float = 3.0  # Gaussian sigma (pixels) that splits base from detail
     # "prior" head: at most (1 + halo_limit) x the brighter source, so that added detail
@@ -74,11 +74,9 @@ class FusionLoss(GateWeights):
 
 
 def _space() -> list[WeightRange]:
-    return [WeightRange("phase1.lam", 0.01, 1.0, True), WeightRange("phase1.sigma", 0.0, 1.0),
-            WeightRange("phase2.w_text", 0.5, 20.0, True),
-            WeightRange("phase2.w_int", 0.2, 5.0, True),
-            WeightRange("phase2.w_adv", 0.001, 0.1, True),
-            WeightRange("phase2.w_ssim", 0.1, 10.0, True)]
+    """Phase 2's weights (searches warm-start from a phase-1 model): the gate loss's and
+    the family's own."""
+    return [*gate_space(), WeightRange("phase2.w_adv", 0.001, 0.1, True)]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fusion.family import Family, Phase, WeightRange, register_family
-from fusion.models.gate_weights import GateWeights
+from fusion.models.gate_weights import GateWeights, gate_space
 
 
 @dataclass(frozen=True)
@@ -66,10 +66,9 @@ class FusionLoss(GateWeights):
 
 
 def _space() -> list[WeightRange]:
-    return [WeightRange("phase1.w_contrast", 0.01, 1.0, True),
-            WeightRange("phase2.w_percep", 0.1, 10.0, True),
-            WeightRange("phase2.w_text", 0.5, 20.0, True),
-            WeightRange("phase2.w_int", 0.2, 5.0, True)]
+    """Phase 2's weights (searches warm-start from a phase-1 model): the gate loss's and
+    the family's own."""
+    return [*gate_space(), WeightRange("phase2.w_percep", 0.1, 10.0, True)]
 
 
 @dataclass(frozen=True)
