@@ -15,7 +15,7 @@ from fusion.models import list_families
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "fusion"
 # pipeline stages in data-flow order; a module may import its own stage and earlier ones
-STAGES = ["data", "models", "engine", "inference", "evaluation", "mlops", "cli"]
+STAGES = ["data", "models", "engine", "inference", "evaluation", "mlops", "serving", "cli"]
 # shared by every stage; they import only each other
 BASE = {"errors", "params", "files", "s3", "progress", "chaos", "family", "metric_names",
         "metrics", "device"}

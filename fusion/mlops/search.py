@@ -181,7 +181,8 @@ def run_search(params: Params, trials: int | None = None, study: str | None = No
                                **{f"space.{r.name}": f"[{r.low}, {r.high}]"
                                   f"{' log' if r.log else ''}" for r in params.config.search}})
             if todo:
-                _tune(params, study, url, todo, val, uri, parent.info.run_id, address, start)
+                _tune(params, study, url, todo, val, uri, parent.info.run_id, address, start,
+                      first=done == 0)
             result = _best(params, study, url, out, done, todo)
             result["mlflow_run_id"] = parent.info.run_id
             mlflow.log_metric("best_score", result["score"])
@@ -203,8 +204,14 @@ def _nested(weights: dict[str, float]) -> dict[str, dict[str, float]]:
     return out
 
 
+def current_weights(params: Params) -> dict[str, float]:
+    """The active family's weights the search space names, as params.yaml has them."""
+    return {r.name: getattr(getattr(params.config, r.name.split(".")[0]), r.name.split(".")[1])
+            for r in params.config.search}
+
+
 def _tune(params: Params, study: str, url: str, todo: int, val: list, uri: str,
-          parent: str, address: str, start: Start) -> None:
+          parent: str, address: str, start: Start, first: bool = False) -> None:
     s = params.search
     connect(address or params.ray.address)  # first: it sets the environment Ray reads on import
     import optuna
@@ -216,7 +223,10 @@ def _tune(params: Params, study: str, url: str, todo: int, val: list, uri: str,
     root, fs = storage(params)
     phases = [n for n in range(1, len(params.family.phases) + 1)
               if params.family.runs_phase(n, start.warm)]
-    searcher = OptunaSearch(storage=optuna.storages.RDBStorage(url), study_name=study)
+    # a new study's first trial is the current recipe: the study then says whether its
+    # space holds better weights, not only which of its samples is best
+    searcher = OptunaSearch(storage=optuna.storages.RDBStorage(url), study_name=study,
+                            points_to_evaluate=[current_weights(params)] if first else None)
     scheduler = ASHAScheduler(time_attr="step", max_t=s.steps[phases[-1] - 1],
                               grace_period=s.eval_every, reduction_factor=s.reduction_factor)
     mlflow_log = MLflowLoggerCallback(tracking_uri=uri, experiment_name=params.mlflow.experiment,
@@ -254,8 +264,7 @@ def _best(params: Params, study: str, url: str, out: Path, done: int,
     if not finished:
         raise FusionError(f"search {study}: no finished trial to take weights from")
     best = max(finished, key=lambda t: t.value)
-    current = {r.name: getattr(getattr(params.config, r.name.split(".")[0]),
-                               r.name.split(".")[1]) for r in params.config.search}
+    current = current_weights(params)
     weights = {**current, **{k: float(v) for k, v in best.params.items()}}
     result = {"study": study, "family": params.model.family, "storage": redact(url),
               "trials": len(finished), "trials_before": done, "trials_run": todo,

@@ -85,7 +85,8 @@ FAMILY = register_family(Family(
     losses="fusion.models.cddfuse.losses",
     warm_phases=(2,),
     # tiny: tests and smoke runs
-    profiles={"tiny": {"net": {"dim": 8, "heads": 2, "encoder_blocks": 1, "decoder_blocks": 1,
+    profiles={"hour": {"train": {"steps": [500, 1700]}},  # about 40 min on Ray, 2 cores
+              "tiny": {"net": {"dim": 8, "heads": 2, "encoder_blocks": 1, "decoder_blocks": 1,
                                "detail_layers": 1, "fuse_detail_layers": 1}},
               "paper": {"net": {"dim": 64, "heads": 8, "stem_stride": 1, "encoder_blocks": 4,
                                 "decoder_blocks": 4, "detail_layers": 3}}},

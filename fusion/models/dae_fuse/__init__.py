@@ -100,7 +100,8 @@ FAMILY = register_family(Family(
     warm_phases=(2,),
     # The paper gives no sizes; these are the Restormer/CDDFuse widths it builds on.
     # tiny: tests and smoke runs
-    profiles={"tiny": {"net": {"channels": 8, "heads": 2, "se_blocks": 1, "dhe_blocks": 1,
+    profiles={"hour": {"train": {"steps": [700, 1700]}},  # about 40 min on Ray, 2 cores
+              "tiny": {"net": {"channels": 8, "heads": 2, "se_blocks": 1, "dhe_blocks": 1,
                                "vit_patch": 4, "vit_dim": 16, "vit_depth": 1, "vit_heads": 2,
                                "decoder_blocks": 1, "disc_channels": 8, "disc_layers": 2,
                                "fusion_head": "decoder"}},

@@ -92,7 +92,8 @@ FAMILY = register_family(Family(
     warm_phases=(2,),
     explains=True,
     # tiny: tests and smoke runs
-    profiles={"tiny": {"net": {"channels": 8, "cnn_blocks": 1, "swin_blocks": 2,
+    profiles={"hour": {"train": {"steps": [450, 2500]}},  # about 40 min on Ray, 2 cores
+              "tiny": {"net": {"channels": 8, "cnn_blocks": 1, "swin_blocks": 2,
                                "swin_heads": 2, "window": 4, "decoder_blocks": 1, "smooth": 3}},
               "paper": {"net": {"channels": 64, "stem_stride": 1, "cnn_blocks": 4,
                                 "swin_blocks": 4, "swin_heads": 4, "decoder_blocks": 4}}},
