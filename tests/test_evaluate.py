@@ -28,21 +28,24 @@ def test_evaluate_puts_families_side_by_side_with_baselines(tiny_runs, tmp_path)
     assert run.returncode == 0, run.stderr
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert set(summary) == {"tno", "rs_test"}
-    assert set(summary["tno"]) == {"model", "cddfuse:phase2", "mfdce-fuse:phase2", "mean", "max"}
+    assert set(summary["tno"]) == {"model", "cddfuse:phase2", "mfdce-fuse:phase2", "mean", "max",
+                                   "two-scale"}
     assert summary["tno"]["model"]["pairs"] == 2 and summary["rs_test"]["max"]["pairs"] == 3
     rows = pq.read_table(tmp_path / "eval" / "per_image.parquet").to_pylist()
-    assert len(rows) == (2 + 3) * 5
+    assert len(rows) == (2 + 3) * 6 * 2  # pairs x methods x (raw, published protocol)
+    assert {r["protocol"] for r in rows} == {"raw", "published"}
     assert {r["image"] for r in rows if r["set"] == "rs_test"} == {
         "FLIR_00211", "FLIR_00977", "FLIR_01130"}
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
-        "rs_test-max.json", "rs_test-mean.json", "rs_test.json", "tno-max.json",
-        "tno-mean.json", "tno.json"]
+        "rs_test-max.json", "rs_test-mean.json", "rs_test-published.json",
+        "rs_test-two-scale.json", "rs_test.json", "tno-max.json", "tno-mean.json",
+        "tno-published.json", "tno-two-scale.json", "tno.json"]
     row = json.loads((tmp_path / "m" / "tno.json").read_text())
     assert set(row) == {"EN", "SD", "SF", "MI", "SCD", "VIF", "Qabf", "SSIM", "pairs"}
     assert row["SSIM"] == pytest.approx(summary["tno"]["model"]["SSIM"], abs=1e-4)
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| mean |" in report and "| cddfuse:phase2 |" in report
-    assert "SSIM at most 2" in report and "without min-max stretching" in report
+    assert "SSIM at most 2" in report and "Published protocol (min-max stretched)" in report
     grid = Image.open(tmp_path / "grids" / "tno.png")
     assert grid.width > 4 * grid.height / 2  # A | B | three models, two rows
     assert len(list((tmp_path / "eval" / "fused" / "model" / "tno").glob("*.png"))) == 2

@@ -264,8 +264,10 @@ def test_search_first_logs_trials_and_trains_the_best_weights(retrained, stack):
         section, weight = key.split(".")
         assert written[section][weight] == pytest.approx(value)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert lock["stages"]["train_phase2"]["params"]["params.yaml"][
-        "model.dae-fuse.phase2"]["w_text"] == pytest.approx(best["best"]["phase2.w_text"])
+    locked = lock["stages"]["train_phase2"]["params"]["params.yaml"]["model.dae-fuse.phase2"]
+    assert best["best"] and all(key.startswith("phase2.") for key in best["best"])
+    for key, value in best["best"].items():  # ... and what dvc repro trained with
+        assert locked[key.removeprefix("phase2.")] == pytest.approx(value)
     assert trained["phase"] == 2
     client = MlflowClient(tracking_uri=stack["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("fusion")
@@ -388,15 +390,17 @@ def test_deployments_carry_the_cron_schedule():
 def test_profiles_and_params_files_merge_into_params_yaml(tmp_path):
     from flows.retrain import apply_params
     from fusion.errors import FusionError
+    from fusion.family import get_family
     from fusion.params import load_params
 
     repo = tmp_path
     shutil.copy2(REPO / "params.yaml", repo / "params.yaml")
     before = (repo / "params.yaml").read_text()
     (repo / "override.yaml").write_text("model: {dae-fuse: {phase2: {w_adv: 0.3}}}\n")
-    apply_params(repo, "override.yaml", "quality,tiny")
+    apply_params(repo, "override.yaml", "quality,tiny,hour")
     params = load_params(repo / "params.yaml")
-    assert params.config.phase2.w_adv == 0.3 and params.train.steps == [100, 100]
+    hour = get_family("dae-fuse").profiles["hour"]["train"]["steps"]
+    assert params.config.phase2.w_adv == 0.3 and params.train.steps == hour
     assert params.data.raw == ["../shared/data/roadscene"] and params.train.init == ""
     assert params.config.net.channels == 8  # the family's tiny profile
     assert "# lossless pixel-unshuffle" in (repo / "params.yaml").read_text()  # comments kept

@@ -232,9 +232,12 @@ def test_mfdce_contribution_is_the_share_of_private_energy():
 
     c = Contribution(smooth=3)
     strong, weak = torch.full((1, 4, 8, 8), 2.0), torch.full((1, 4, 8, 8), 1.0)
-    w = c(strong, weak)  # energies 4 and 1, sharpness 1: 4 / (4 + 1)
+    assert c(strong, weak).abs().max().item() == 0.0  # untrained: the brighter-base rule
+    with torch.no_grad():
+        c.gamma.fill_(1.0)
+    w = torch.sigmoid(c(strong, weak))  # energies 4 and 1, sharpness 1: 4 / (4 + 1)
     assert torch.allclose(w, torch.full_like(w, 0.8))
-    assert torch.allclose(c(weak, weak), torch.full_like(w, 0.5))
+    assert torch.allclose(torch.sigmoid(c(weak, weak)), torch.full_like(w, 0.5))
     fused = create_model("mfdce-fuse", **TINY_NETS["mfdce-fuse"]).explain(
         torch.zeros(1, 1, 40, 40), torch.zeros(1, 1, 40, 40))
     assert fused["fused"].abs().max().item() == 0.0  # both sources dark: the fusion is dark

@@ -42,7 +42,8 @@ def test_the_floor_needs_a_positive_gain_over_the_baseline_on_every_set():
     assert floor(above, baseline, rule) is None
     below_on_one = {"tno": {"VIF": 0.9, "MSE": 10.0}, "mri": {"VIF": 0.4, "MSE": 51.0}}
     d = floor(below_on_one, baseline, rule)
-    assert not d.promote and d.reason.startswith("below mean fusion on mri: weighted gain -1.00%")
+    assert not d.promote and d.reason.startswith("below two-scale fusion on mri: weighted gain "
+                                                  "-1.00%")
     assert floor(baseline, baseline, rule) is not None  # as good as the baseline is not enough
     nan = {"tno": {"VIF": float("nan"), "MSE": 1.0}, "mri": above["mri"]}
     assert not floor(nan, baseline, rule).promote

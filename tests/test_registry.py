@@ -268,7 +268,7 @@ def test_the_default_floor_refuses_a_model_that_only_beats_mean_fusion(tiny_run,
         "dae-fuse", {**params.model.configs, "dae-fuse": config}))
     model = params.family.network_module().build(config.net)
     with torch.no_grad():  # base weight of A: sigmoid(50 * difference - 100), about 0
-        model.fuse_head.conv.bias.copy_(torch.tensor([-100.0, 0.0, 0.0]))
+        model.fuse_head.bias.copy_(torch.tensor([-100.0, 0.0, 0.0]))
     export_model(params.evaluate.model, "dae-fuse", config.net, model, None, {"phase": 2})
     summary = _evaluate(params)["tno"]
     weights = params.promote.weights

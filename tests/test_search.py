@@ -10,6 +10,7 @@ from fusion.errors import FusionError
 from fusion.evaluation.gain import weighted_gain
 from fusion.evaluation.validation import ValidationScore, held_out_pairs
 from fusion.inference.fuse import TorchEngine
+from fusion.inference.rules import TwoScaleEngine
 from fusion.params import MetricWeight, load_params
 
 
@@ -49,27 +50,33 @@ def test_trial_weights_land_in_the_active_family(tiny_runs):
     from fusion.mlops.search import _nested, trial_params
 
     params = tiny_runs["cddfuse"]
-    trial = trial_params(params, {"phase1.w_decomp": 0.5, "phase2.w_int": 3.0,
-                                  "phase2.w_grad": 4.0, "phase2.w_decomp": 1.0})
-    assert trial.config.phase2.w_grad == 4.0 and trial.config.phase1.w_decomp == 0.5
-    assert trial.config.phase1.w_ssim == params.config.phase1.w_ssim  # untouched
+    space = [r.name for r in params.config.search]
+    assert {"phase2.w_decomp", "phase2.guard"} <= set(space)
+    sampled = {name: 0.25 * (i + 1) for i, name in enumerate(space)}
+    trial = trial_params(params, sampled)
+    assert trial.config.phase2.w_decomp == sampled["phase2.w_decomp"]
+    assert trial.config.phase2.guard == sampled["phase2.guard"]
+    assert trial.config.phase1.w_decomp == params.config.phase1.w_decomp  # untouched
+    assert trial.config.phase1.w_ssim == params.config.phase1.w_ssim
     assert trial.train.steps == params.search.steps
     assert _nested({"phase2.w_int": 3.0}) == {"phase2": {"w_int": 3.0}}
 
 
-def test_validation_scores_against_mean_fusion(tiny_run):
-    """The tiny model scores below mean fusion (a negative gain); mean fusion itself, fed
-    back as a 'model', scores zero."""
-    import numpy as np
-
+def test_validation_scores_against_the_baseline(tiny_run):
+    """The tiny model scores below the search's baseline (a negative gain); the baseline
+    itself (the two-scale rule), fed back as a 'model', scores zero, and mean fusion below
+    it."""
     pairs = held_out_pairs(tiny_run)
     assert pairs and all(a.shape == b.shape and a.ndim == 2 for _, a, b in pairs)
+    assert tiny_run.search.baseline == "two-scale"
     scorer = ValidationScore(pairs, tiny_run)
     model = load_model(tiny_run.train.phase_out(2))
     score, means = scorer(TorchEngine(model, tiny_run.family))
     assert set(means) >= {"VIF", "Qabf", "SSIM"} and score < 0
+    assert scorer(TwoScaleEngine(tiny_run.evaluate.two_scale))[0] == pytest.approx(0.0,
+                                                                                   abs=1e-12)
 
     def mean_fusion(a, b):
-        return np.round((a * 255 + b * 255) / 2) / 255
+        return (a + b) / 2
     mean_fusion.explains = False
-    assert scorer(mean_fusion)[0] == pytest.approx(0.0, abs=1e-12)
+    assert scorer(mean_fusion)[0] < 0

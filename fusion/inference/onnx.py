@@ -36,8 +36,9 @@ def export_onnx(model: Any, family: Any, path: Path, opset: int = 18) -> Path:
         def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return self.net.fuse(a, b)
 
-    m = model.multiple
-    example = (torch.rand(1, 1, 4 * m, 6 * m), torch.rand(1, 1, 4 * m, 6 * m))
+    # at least 64 x 96, so that the two-scale blur's reflect padding fits while tracing
+    unit = model.multiple * -(-16 // model.multiple)
+    example = (torch.rand(1, 1, 4 * unit, 6 * unit), torch.rand(1, 1, 4 * unit, 6 * unit))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -53,7 +54,8 @@ def export_onnx(model: Any, family: Any, path: Path, opset: int = 18) -> Path:
                               dynamic_axes={"a": AXES, "b": AXES, "fused": AXES})
         proto = onnx.load(str(tmp))
         entry = proto.metadata_props.add()
-        entry.key, entry.value = META, json.dumps({"family": family.name, "multiple": m})
+        entry.key = META
+        entry.value = json.dumps({"family": family.name, "multiple": model.multiple})
         onnx.save(proto, str(tmp))
         tmp.replace(path)
     except Exception as exc:
