@@ -420,6 +420,18 @@ SHARPNESS = 50.0  # the learned base weight's prior: sigmoid(50 x base differenc
 SIGNAL = 0.05  # where both bases are darker than this, the head fades out: the rule stays
 
 
+def binomial(x: torch.Tensor) -> torch.Tensor:
+    """The 3x3 binomial filter ([1, 2, 1] / 4 each way, replicated borders): it removes the
+    2x2 alternating component exactly. A head on a pixel-unshuffled grid predicts each
+    pixel of a 2x2 cell from another phase of its weights, and an unfiltered map left a 2x2
+    pattern in flat bright regions (TNO's saturated sky) and a line along the border."""
+    c = x.shape[1]
+    k = x.new_tensor([0.25, 0.5, 0.25])
+    x = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, 3).expand(c, 1, 1, 3), groups=c)
+    return F.conv2d(x, k.view(1, 1, 3, 1).expand(c, 1, 3, 1), groups=c)
+
+
 def learned_two_scale(logits: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sigma: float,
                       ceiling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``two_scale`` with weights a network predicts per pixel, as three logit maps
@@ -431,7 +443,7 @@ def learned_two_scale(logits: torch.Tensor, a: torch.Tensor, b: torch.Tensor, si
     no training patch taught the head anything. Returns (fused, base weight of A)."""
     bases = low_pass(torch.cat([a, b], 1), sigma).chunk(2, 1)
     say = (torch.maximum(*bases) / SIGNAL).clamp(max=1.0)
-    shift, log_ga, log_gb = (say * x for x in logits.chunk(3, 1))
+    shift, log_ga, log_gb = (say * x for x in binomial(logits).chunk(3, 1))
     weight = torch.sigmoid(SHARPNESS * (bases[0] - bases[1]) + shift)
     return (two_scale(a, b, sigma, ceiling, weight, log_ga.exp(), log_gb.exp(), bases),
             weight)
