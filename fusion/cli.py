@@ -95,7 +95,13 @@ def _fuse_on_ray(args: argparse.Namespace, params: Params) -> int:
 
     if not args.model or args.method:
         raise FusionError("fuse --ray: give a model (--model); --method runs in folder mode")
-    report = fuse_on_cluster(params, args.model, args.a, args.b, args.output, args.address)
+    try:
+        report = fuse_on_cluster(params, args.model, args.a, args.b, args.output, args.address)
+    finally:
+        if "fusion.s3" in sys.modules:  # an s3:// path was met
+            from fusion.s3 import finalize
+
+            finalize()
     for error in report.errors:
         print(f"  {error}", file=sys.stderr)
     print(f"fused {report.fused} pairs -> {args.output} ({report.skipped} done before), "

@@ -256,3 +256,22 @@ def test_mfdce_disentangle_loss_known_values():
     # InfoNCE ~ 0 (temperature 0.01), privates orthogonal to each other; each private part
     # is parallel to the common part of exactly one patch in four (cos^2 = 1 there)
     assert disentangle_loss(out, 0.01).item() == pytest.approx(0.25, abs=1e-4)
+
+
+def test_the_heads_filter_removes_a_2x2_pattern_and_keeps_smooth_maps():
+    """The head's logits pass ``binomial``: a 2x2 checkerboard (what a head on a
+    pixel-unshuffled grid can leave) goes to its mean, a constant and a ramp stay (inside
+    the border), and the filter is the [1, 2, 1] / 4 kernel each way."""
+    from fusion.models.layers import binomial
+
+    checker = torch.zeros(1, 3, 16, 16)
+    checker[..., ::2, ::2] = checker[..., 1::2, 1::2] = 1.0
+    assert torch.allclose(binomial(checker)[..., 1:-1, 1:-1], torch.full((1, 3, 14, 14), 0.5))
+    flat = torch.full((1, 3, 9, 9), 0.7)
+    assert torch.allclose(binomial(flat), flat)
+    ramp = torch.arange(10.0).view(1, 1, 1, 10).expand(1, 1, 6, 10)
+    assert torch.allclose(binomial(ramp)[..., 1:-1], ramp[..., 1:-1])
+    impulse = torch.zeros(1, 1, 5, 5)
+    impulse[..., 2, 2] = 16.0
+    k = torch.tensor([1.0, 2.0, 1.0])
+    assert torch.allclose(binomial(impulse)[0, 0, 1:4, 1:4], torch.outer(k, k))
