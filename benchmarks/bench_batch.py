@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,10 @@ def main() -> None:
     parser.add_argument("--model", default=str(ROOT / "fusion/models/dae_fuse/pretrained"))
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
+    # the clusters below use Ray's token authentication, as the tests' do: one token,
+    # shared by the `ray start` nodes and the driver through the environment
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     work = Path(tempfile.mkdtemp(prefix="bench-batch-"))
     onnx = work / "model.onnx"
     subprocess.run([sys.executable, "-m", "fusion.cli", "export", "--model", args.model,
