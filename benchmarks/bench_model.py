@@ -6,6 +6,7 @@ batch of 8) and training patches/s.
 
 Each measurement runs in its own process (peak RSS is that setup's alone).
 Usage: python benchmarks/bench_model.py [--threads 2] [--repeat 3] [--families a,b]
+       [--sizes default,paper]
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--families", default="dae-fuse,cddfuse,mfdce-fuse")
+    parser.add_argument("--sizes", default="default,paper")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -105,24 +107,21 @@ def main() -> None:
         print(json.dumps(measure(family, profile, args.threads, args.repeat,
                                  onnx=profile == "default", train=True)))
         return
-    rows = []
-    for family in args.families.split(","):
-        for profile in ("default", "paper"):
-            done = subprocess.run([sys.executable, __file__, "--child", f"{family}:{profile}",
-                                   "--threads", str(args.threads), "--repeat",
-                                   str(args.repeat)], capture_output=True, text=True,
-                                  check=True)
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     keys = ["params_M", "gflops_640x480", "torch_s_768x576", "onnx_s_768x576",
             "peak_rss_MiB", "train1_gflops_patch", "train1_patches_s", "train2_gflops_patch",
             "train2_patches_s"]
     print(f"torch threads: {args.threads}\n")
     print("| family | size | " + " | ".join(keys) + " |")
-    print("|---|---|" + "---:|" * len(keys))
-    for row in rows:
-        cells = [f"{row[k]:.3g}" if k in row else "-" for k in keys]
-        print(f"| {row['family']} | {row['profile']} | " + " | ".join(cells) + " |")
-
+    print("|---|---|" + "---:|" * len(keys), flush=True)
+    for family in args.families.split(","):
+        for profile in args.sizes.split(","):  # each row as it finishes: paper rows are slow
+            done = subprocess.run([sys.executable, __file__, "--child", f"{family}:{profile}",
+                                   "--threads", str(args.threads), "--repeat",
+                                   str(args.repeat)], capture_output=True, text=True,
+                                  check=True)
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            cells = [f"{row[k]:.3g}" if k in row else "-" for k in keys]
+            print(f"| {family} | {profile} | " + " | ".join(cells) + " |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -46,6 +46,9 @@ def test_evaluate_puts_families_side_by_side_with_baselines(tiny_runs, tmp_path)
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| mean |" in report and "| cddfuse:phase2 |" in report
     assert "SSIM at most 2" in report and "Published protocol (min-max stretched)" in report
+    assert "| gate vs two-scale | > two-scale | > mean |" in report
+    assert sum(line.startswith("| max | ") and line.endswith("/8 |") for line in
+               report.splitlines()) == 2  # one standings row per set
     grid = Image.open(tmp_path / "grids" / "tno.png")
     assert grid.width > 4 * grid.height / 2  # A | B | three models, two rows
     assert len(list((tmp_path / "eval" / "fused" / "model" / "tno").glob("*.png"))) == 2

@@ -47,3 +47,18 @@ def test_the_floor_needs_a_positive_gain_over_the_baseline_on_every_set():
     assert floor(baseline, baseline, rule) is not None  # as good as the baseline is not enough
     nan = {"tno": {"VIF": float("nan"), "MSE": 1.0}, "mri": above["mri"]}
     assert not floor(nan, baseline, rule).promote
+
+
+def test_standings_count_the_metrics_above_the_rule_and_mean_fusion_and_the_gate_score():
+    """The leaderboard's reading of a set: the gate's weighted gain over the two-scale rule
+    and the metrics above it and above mean fusion (MSE counts lower as better)."""
+    from fusion.evaluation.gain import standings
+
+    rule = {"VIF": 0.5, "SSIM": 1.0, "MSE": 10.0}
+    methods = {"model": {"VIF": 0.6, "SSIM": 0.9, "MSE": 8.0}, "two-scale": rule,
+               "mean": {"VIF": 0.7, "SSIM": 0.8, "MSE": 9.0}}
+    table = standings(methods, [MetricWeight("VIF"), MetricWeight("SSIM")],
+                      ("VIF", "SSIM", "MSE"))
+    # gate: (+20% VIF - 10% SSIM) / 2 = +5%; above the rule on VIF and MSE, above mean on
+    # SSIM and MSE
+    assert table.splitlines()[2:] == ["| model | +5.0% | 2/3 | 2/3 |"]

@@ -27,13 +27,13 @@ from PIL import Image
 
 from fusion.data.pairs import files_by_stem, read_names
 from fusion.errors import FusionError
-from fusion.evaluation.gain import means
+from fusion.evaluation.gain import means, standings
 from fusion.evaluation.scoring import format_table, read_grey, score_arrays
 from fusion.files import Output, replacing, write_text
 from fusion.inference.fuse import Engine, fuse_files
 from fusion.inference.rules import TwoScaleEngine
 from fusion.metric_names import EIGHT
-from fusion.params import BASELINES, BenchmarkSet, Params, TwoScaleParams
+from fusion.params import BASELINES, BenchmarkSet, MetricWeight, Params, TwoScaleParams
 from fusion.progress import progress
 
 EVALUATED = "evaluated.json"  # which model (weights hash) the reports describe
@@ -197,14 +197,16 @@ def evaluate(params: Params, candidates: list[Candidate], digest: str
                            json.dumps({**row, "pairs": values["pairs"]}, indent=2) + "\n")
             _grid(scores.grids[name], Path(ev.grids) / f"{name}.png")
         labels = [c.label for c in candidates]
-        write_text(tmp / REPORT, report(scores, labels, out, Path(ev.grids)))
+        write_text(tmp / REPORT, report(scores, labels, out, Path(ev.grids),
+                                        params.promote.weights))
         write_text(tmp / EVALUATED, json.dumps({"model": ev.model, "model_sha256": digest,
                                                 "sets": [b.name for b in ev.sets],
                                                 "compared": labels[1:]}, indent=2) + "\n")
     return scores.raw
 
 
-def report(scores: SetScores, labels: list[str], out: Path, grids: Path) -> str:
+def report(scores: SetScores, labels: list[str], out: Path, grids: Path,
+           weights: list[MetricWeight]) -> str:
     lines = ["# Evaluation", "",
              "Published metric definitions (`fusion/metrics.py`). Baselines: mean fusion "
              "(A+B)/2, max fusion max(A, B) and the training-free two-scale rule (the brighter "
@@ -220,7 +222,11 @@ def report(scores: SetScores, labels: list[str], out: Path, grids: Path) -> str:
         lines += ["Models side by side: " + ", ".join(f"`{label}`" for label in labels), ""]
     for name, methods in scores.raw.items():
         lines += [f"## {name} ({int(methods['model']['pairs'])} pairs)", "", "Raw:", "",
-                  format_table(methods), "", "Published protocol (min-max stretched):", "",
+                  format_table(methods), "", "Raw, against the training-free rule and mean fusion: "
+                  "the promotion gate's weighted gain over the rule (`promote.weights`) "
+                  "and how many of the eight published metrics are above each:", "",
+                  standings(methods, weights, EIGHT), "",
+                  "Published protocol (min-max stretched):", "",
                   format_table(scores.published[name]), "", "Grid, one row per pair: A | B | "
                   + " | ".join([*labels, "two-scale"]), "",
                   f"![{name}]({Path(os.path.relpath(grids, out)) / name}.png)", ""]

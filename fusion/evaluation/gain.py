@@ -33,3 +33,19 @@ def weighted_gain(ours: dict[str, float], base: dict[str, float], weights) -> fl
         weight_sum += w.weight
     score = total / weight_sum if weight_sum else 0.0
     return score if math.isfinite(score) else math.nan
+
+
+def standings(methods: dict[str, dict[str, float]], weights, names: tuple[str, ...],
+              rule: str = "two-scale", floor: str = "mean") -> str:
+    """Markdown table: each method's weighted gain over ``rule`` (the promotion gate's
+    score, ``weights``) and how many of ``names`` it beats ``rule`` and ``floor`` on, the
+    leaderboard's reading of one set's means."""
+    lines = [f"| | gate vs {rule} | > {rule} | > {floor} |", "|---|---:|---:|---:|"]
+    for label, values in methods.items():
+        if label in (rule, floor):
+            continue
+        above = [sum(relative_gain(values[n], methods[base][n], n) > 0 for n in names)
+                 for base in (rule, floor)]
+        lines.append(f"| {label} | {100 * weighted_gain(values, methods[rule], weights):+.1f}%"
+                     f" | {above[0]}/{len(names)} | {above[1]}/{len(names)} |")
+    return "\n".join(lines)
