@@ -123,5 +123,6 @@ def main() -> None:
             cells = [f"{row[k]:.3g}" if k in row else "-" for k in keys]
             print(f"| {family} | {profile} | " + " | ".join(cells) + " |", flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -2,6 +2,7 @@
 
 import math
 
+from fusion.evaluation.gain import standings
 from fusion.mlops.promotion import decide, floor
 from fusion.params import MetricWeight, PromoteParams
 
@@ -52,8 +53,6 @@ def test_the_floor_needs_a_positive_gain_over_the_baseline_on_every_set():
 def test_standings_count_the_metrics_above_the_rule_and_mean_fusion_and_the_gate_score():
     """The leaderboard's reading of a set: the gate's weighted gain over the two-scale rule
     and the metrics above it and above mean fusion (MSE counts lower as better)."""
-    from fusion.evaluation.gain import standings
-
     rule = {"VIF": 0.5, "SSIM": 1.0, "MSE": 10.0}
     methods = {"model": {"VIF": 0.6, "SSIM": 0.9, "MSE": 8.0}, "two-scale": rule,
                "mean": {"VIF": 0.7, "SSIM": 0.8, "MSE": 9.0}}
