@@ -80,6 +80,7 @@ class TrainParams:
     keep_checkpoints: int = 2
     steps: list[int] = field(default_factory=lambda: [60, 60])  # per phase of the recipe
     init: str = "@champion"  # warm start: an export folder, models:/<name>@<alias>, "": scratch
+    teacher: str = ""  # an export folder whose fused images phase 2 also learns (w_distill)
     batch_size: int = 8
     crop: int = 0  # random crop inside each patch (0: whole patch)
     lr: float = 5e-4  # network Adam learning rate

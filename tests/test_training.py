@@ -47,6 +47,27 @@ def test_each_phase_lowers_its_loss(tiny_runs, family):
     assert curve[0].startswith("step,") and len(curve) == 1 + 30 // 5
 
 
+def test_distillation_pulls_the_fused_image_towards_the_teacher(tiny_runs):
+    """``w_distill`` with ``train.teacher``: phase 2 of one family learns another's fused
+    images (the tiny DAE-Fuse teaching the tiny CDDFuse): 20 steps on a fixed batch bring
+    the student's fused image at least 20 % closer to the teacher's than its start (the
+    rule). Without a teacher the weight is a one-line error, not a silent no-op."""
+    student = tiny_runs["cddfuse"]
+    teacher = str(tiny_runs["dae-fuse"].train.phase_out(2))
+    config = replace(student.config, phase2=replace(student.config.phase2, w_distill=50.0))
+    params = replace(student, model=replace(student.model, configs={
+        **student.model.configs, "cddfuse": config}), train=replace(student.train,
+                                                                    teacher=teacher))
+    a, b = _fixed_batch(params)
+    trainer = Trainer(params, 2, init=load_weights(params.train.phase_out(1)))
+    before = trainer.evaluate(a, b)["distill"]
+    trainer.fit(lambda step: (a, b), until=20)
+    after = trainer.evaluate(a, b)["distill"]
+    assert after < 0.8 * before, (before, after)
+    with pytest.raises(FusionError, match="w_distill: needs a train.teacher"):
+        Trainer(replace(params, train=replace(params.train, teacher="")), 2)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_trained_weights_round_trip_through_the_export(tiny_runs, family):
     """The final training state (the last checkpoint) and the exported model give the

@@ -142,7 +142,8 @@ def scaling(params: Params) -> Any:
 
 def shipped(params: Params) -> Params:
     """Params for workers, which may run elsewhere (another cwd, another environment): a
-    local dataset path made absolute (an s3:// one is read by every node as it is), and
+    local dataset path and the teacher's folder made absolute (an s3:// dataset is read by
+    every node as it is; a teacher must be readable at that path on every node), and
     the S3 endpoint this process resolves (``$AWS_ENDPOINT_URL`` when
     ``ray.storage_endpoint`` is empty) written in: a node started without that variable
     would otherwise look for the bucket on AWS."""
@@ -150,7 +151,8 @@ def shipped(params: Params) -> Params:
 
     t, r = params.train, params.ray
     data = t.data if "://" in t.data else str(Path(t.data).resolve())
-    return replace(params, train=replace(t, data=data),
+    teacher = str(Path(t.teacher).resolve()) if t.teacher else ""
+    return replace(params, train=replace(t, data=data, teacher=teacher),
                    ray=replace(r, storage_endpoint=s3_endpoint(r.storage_endpoint)))
 
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from fusion.engine.exports import Weights, weights_mismatch
+from fusion.engine.exports import Weights, load_model, weights_mismatch
 from fusion.errors import FusionError
 from fusion.models import losses
 from fusion.params import Params
@@ -94,6 +95,21 @@ class Trainer:
         self.curve: list[dict[str, float]] = []
         self.resumes: list[int] = []  # steps this run was resumed at (crash / restart audit)
         self.amp = t.amp and self.device.type == "cuda"
+        self.teacher = self._teacher()
+
+    def _teacher(self) -> nn.Module | None:
+        """The model whose fused images this phase also learns (``train.teacher``, at weight
+        ``w_distill``): a family that generalises from one training set can lend that to
+        another, whose own gains on the training patches do not carry to other sensors."""
+        weight, folder = getattr(self.weights, "w_distill", 0.0), self.params.train.teacher
+        if not weight:
+            return None
+        if not folder:
+            raise FusionError(f"model.{self.params.model.family}.phase{self.phase}.w_distill: "
+                              "needs a train.teacher (an export folder)")
+        teacher = load_model(folder, str(self.device))
+        teacher.requires_grad_(False)
+        return teacher
 
     # -- state ------------------------------------------------------------------------
     def _stateful(self) -> dict[str, Any]:
@@ -138,7 +154,13 @@ class Trainer:
 
     def _losses(self, a: torch.Tensor, b: torch.Tensor, out: dict) -> dict[str, torch.Tensor]:
         d_fake = self.cnet(*out["fakes"]) if self.critic is not None else None
-        return self.objectives.losses_for(self.phase, a, b, out, self.weights, d_fake)
+        terms = self.objectives.losses_for(self.phase, a, b, out, self.weights, d_fake)
+        if self.teacher is not None:
+            with torch.no_grad():
+                target = self.teacher.fuse(a, b)
+            terms["distill"] = F.l1_loss(out["fused"], target.to(out["fused"].dtype))
+            terms["loss"] = terms["loss"] + self.weights.w_distill * terms["distill"]
+        return terms
 
     def train_step(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
         a, b = a.to(self.device, non_blocking=True), b.to(self.device, non_blocking=True)

@@ -19,6 +19,7 @@ class GateWeights:
     w_ssim: float = 1.5
     w_scd: float = 1.0
     guard: float = 4.0
+    w_distill: float = 0.0  # L1 to the fused image of ``train.teacher``
 
     def gains(self) -> dict[str, float]:
         return {"VIF": self.w_vif, "Qabf": self.w_qabf, "SSIM": self.w_ssim, "SCD": self.w_scd}
