@@ -66,6 +66,16 @@ def _provenance(params: Params, config: dict, digest: str) -> str:
             f"- dvc.lock sha256: {sha_or_missing(Path('dvc.lock'))}\n"
             f"- training: steps {config.get('steps')} in the last phase, run "
             f"{config.get('run', '?')}, from scratch\n"
+            + _teacher_line(params) +
             f"- weights sha256: {digest}\n"
             f"- evaluated on: {sets} (metrics.json)\n\n"
             "Rebuild: see README, \"Bundled starting checkpoint\".\n")
+
+
+def _teacher_line(params: Params) -> str:
+    """Which model phase 2 distilled from (``train.teacher``), and which weights exactly."""
+    teacher = params.train.teacher
+    if not teacher or not getattr(getattr(params.config, "phase2", None), "w_distill", 0.0):
+        return ""
+    return (f"- distilled in phase 2 from: {teacher} (weights sha256 "
+            f"{sha_or_missing(Path(teacher) / MODEL_FILE)})\n")
