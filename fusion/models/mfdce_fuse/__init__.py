@@ -92,11 +92,7 @@ FAMILY = register_family(Family(
     warm_phases=(2,),
     explains=True,
     # tiny: tests and smoke runs
-    # hour: about 50 min on Ray, 2 cores, phase 2 distilled from the bundled DAE-Fuse
-    # (docs/quality.md: its own gains on RoadScene did not carry to TNO or MRI-CT)
-    profiles={"hour": {"train": {"steps": [450, 2500],
-                                 "teacher": "fusion/models/dae_fuse/pretrained"},
-                       "phase2": {"w_distill": 200.0}},
+    profiles={"hour": {"train": {"steps": [450, 2500]}},  # about 40 min on Ray, 2 cores
               "tiny": {"net": {"channels": 8, "cnn_blocks": 1, "swin_blocks": 2,
                                "swin_heads": 2, "window": 4, "decoder_blocks": 1, "smooth": 3}},
               "paper": {"net": {"channels": 64, "stem_stride": 1, "cnn_blocks": 4,
