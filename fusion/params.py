@@ -326,6 +326,10 @@ class Params:
             if len(steps) != phases:
                 raise FusionError(f"{where}: {self.model.family} trains {phases} phases, "
                                   f"got {len(steps)} step counts")
+        distill = getattr(getattr(self.config, "phase2", None), "w_distill", 0.0)
+        if distill and not self.train.teacher:
+            raise FusionError(f"model.{self.model.family}.phase2.w_distill: {distill} needs a "
+                              "train.teacher (an export folder)")
 
     @property
     def family(self) -> Family:

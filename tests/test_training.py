@@ -72,8 +72,8 @@ def test_distillation_adds_the_l1_to_the_teachers_fused_image(tiny_runs):
     assert taught["distill"] == pytest.approx(float(expected), rel=1e-4)
     assert taught["loss"] - plain["loss"] == pytest.approx(50.0 * taught["distill"], rel=1e-4)
     assert taught["distill"] > 0.01  # the bundled teacher is not the tiny student's rule
-    with pytest.raises(FusionError, match="w_distill: needs a train.teacher"):
-        Trainer(with_distill(50.0, ""), 2)
+    with pytest.raises(FusionError, match="w_distill: 50.0 needs a train.teacher"):
+        with_distill(50.0, "")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -99,15 +99,11 @@ class Trainer:
 
     def _teacher(self) -> nn.Module | None:
         """The model whose fused images this phase also learns (``train.teacher``, at weight
-        ``w_distill``): a family that generalises from one training set can lend that to
-        another, whose own gains on the training patches do not carry to other sensors."""
-        weight, folder = getattr(self.weights, "w_distill", 0.0), self.params.train.teacher
-        if not weight:
+        ``w_distill``): a family whose own gains do not carry beyond its training set may
+        learn from one whose do (what that bought: docs/quality.md, "Distillation")."""
+        if not getattr(self.weights, "w_distill", 0.0):  # (a weight needs a teacher: Params)
             return None
-        if not folder:
-            raise FusionError(f"model.{self.params.model.family}.phase{self.phase}.w_distill: "
-                              "needs a train.teacher (an export folder)")
-        teacher = load_model(folder, str(self.device))
+        teacher = load_model(self.params.train.teacher, str(self.device))
         teacher.requires_grad_(False)
         return teacher
 
