@@ -326,10 +326,9 @@ class Params:
             if len(steps) != phases:
                 raise FusionError(f"{where}: {self.model.family} trains {phases} phases, "
                                   f"got {len(steps)} step counts")
-        distill = getattr(getattr(self.config, "phase2", None), "w_distill", 0.0)
-        if distill and not self.train.teacher:
-            raise FusionError(f"model.{self.model.family}.phase2.w_distill: {distill} needs a "
-                              "train.teacher (an export folder)")
+        if self.distill_weight and not self.train.teacher:
+            raise FusionError(f"model.{self.model.family}.phase2.w_distill: "
+                              f"{self.distill_weight} needs a train.teacher (an export folder)")
 
     @property
     def family(self) -> Family:
@@ -339,6 +338,11 @@ class Params:
     @property
     def config(self) -> FamilyConfig:
         return self.model.config
+
+    @property
+    def distill_weight(self) -> float:
+        """The active family's ``phase2.w_distill`` (0 for a family without one)."""
+        return getattr(getattr(self.config, "phase2", None), "w_distill", 0.0)
 
     @property
     def model_name(self) -> str:

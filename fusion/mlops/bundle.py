@@ -75,7 +75,7 @@ def _provenance(params: Params, config: dict, digest: str) -> str:
 def _teacher_line(params: Params) -> str:
     """Which model phase 2 distilled from (``train.teacher``), and which weights exactly."""
     teacher = params.train.teacher
-    if not teacher or not getattr(getattr(params.config, "phase2", None), "w_distill", 0.0):
+    if not params.distill_weight:
         return ""
     return (f"- distilled in phase 2 from: {teacher} (weights sha256 "
             f"{sha_or_missing(Path(teacher) / MODEL_FILE)})\n")
