@@ -137,8 +137,11 @@ def _fuse(args: argparse.Namespace, params: Params) -> int:
     else:
         from fusion.mlops.model_refs import open_engine
 
-        engine = open_engine(params, args.model, args.engine, args.device or "",
-                             TileSpec(args.tile, args.halo), args.threads)
+        given = {k: v for k, v in (("exact_pixels", args.exact_pixels),
+                                   ("window", args.window)) if v is not None}
+        tiles = TileSpec(args.tile, args.halo, **given)
+        engine = open_engine(params, args.model, args.engine, args.device or "", tiles,
+                             args.threads)
     if args.explain and not engine.explains:
         raise FusionError(f"--explain: {args.model} has no contribution map (families that "
                           "have one: see `fusion fuse --help`)")
@@ -358,10 +361,16 @@ STAGES = (
         arg("--halo", "--overlap", type=int, default=64, dest="halo",
             help="context in pixels around each tile's core (default 64; tiled output "
                  "equals the whole-image output once it covers the network's reach)"),
+        arg("--exact-pixels", type=int, default=None, metavar="N",
+            help="images above N pixels (default 1 MP) are fused in overlapping windows, "
+                 "cross-faded over --halo: linear time, attention sees one window; up to "
+                 "N, exactly (torch: tiled; onnxruntime: whole)"),
+        arg("--window", type=int, default=None,
+            help="window side above --exact-pixels (default 512)"),
         arg("--device", default=None, help="torch device (default: train.device)"),
         arg("--engine", choices=("torch", "onnxruntime"), default="torch",
             help="torch (default; exact tiling of large images) or onnxruntime (a file from "
-                 "`fusion export --onnx`, whole images)"),
+                 "`fusion export --onnx`, whole images up to --exact-pixels)"),
         arg("--threads", type=int, default=0,
             help="onnxruntime intra-op threads (default 0: all cores)"),
         arg("--explain", default=None, metavar="FILE",

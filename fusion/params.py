@@ -38,7 +38,7 @@ class DataParams:
     min_patch_std: float = 0.02
     shard_max_mb: float = 64.0
     strict: bool = False
-    max_pixels: int = 6_000_000  # larger images are refused from their header (prepare ...)
+    max_pixels: int = 50_000_000  # larger images are refused from their header (prepare ...)
     follow_symlinks: bool = False  # false: symlinks leaving a raw root are rejected
 
     def __post_init__(self) -> None:

@@ -175,5 +175,5 @@ def test_an_image_bigger_than_the_pixel_limit_is_refused_fast(tiny_run, tmp_path
                   str(tmp_path / "a.png"), "--b", str(tmp_path / "b.png"), "-o",
                   str(tmp_path / "out.png"))
     assert run.returncode == 2
-    assert "13000x13000 is 169 MP, over the limit of 6 MP (data.max_pixels)" in run.stderr
+    assert "13000x13000 is 169 MP, over the limit of 50 MP (data.max_pixels)" in run.stderr
     assert time.time() - started < 30 and not (tmp_path / "out.png").exists()

@@ -174,7 +174,7 @@ def test_pixel_limit_is_checked_from_the_header(tmp_path):
     assert (root / "ir" / "bomb.png").stat().st_size < 100_000
     result = prepare(SMALL, raw=[str(root)], out=str(tmp_path / "out"), exclude=[])
     reasons = {r.path: r.reason for r in result.rejects}
-    assert reasons["raw/ir/bomb.png"] == ("13000x13000 is 169 MP, over the limit of 6 MP "
+    assert reasons["raw/ir/bomb.png"] == ("13000x13000 is 169 MP, over the limit of 50 MP "
                                           "(data.max_pixels)")
     assert result.splits["train"] == 1
 

@@ -123,7 +123,7 @@ def test_serving_fuses_as_fuse_does_and_refuses_bad_input(served, registry, tmp_
     bomb = io.BytesIO()
     Image.new("1", (13000, 13000)).save(bomb, "PNG")  # 40 KB that decode to 169 MP
     huge = _fuse(served, bomb.getvalue(), bomb.getvalue())
-    assert huge.status_code == 413 and "over the limit of 6 MP" in huge.json()["error"]
+    assert huge.status_code == 413 and "over the limit of 50 MP" in huge.json()["error"]
     too_long = _fuse(served, b"x" * (2 * 2**20), _png(grey))  # serve.max_request_mb is 1
     assert too_long.status_code == 413 and "serve.max_request_mb" in too_long.json()["error"]
     assert _fuse(served, a.read_bytes(), b.read_bytes()).status_code == 200  # still serving

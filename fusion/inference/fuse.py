@@ -12,6 +12,7 @@ for families that declare exact tiling; the others are fused whole, and say so.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -40,12 +41,21 @@ from fusion.progress import progress
 @dataclass(frozen=True)
 class TileSpec:
     size: int = 1024  # tile side in pixels; images no larger than this are fused whole
-    halo: int = 64  # context around each tile's core (covers the local layers' reach)
+    halo: int = 64  # context around each tile's core (covers the local layers' reach);
+    # windows overlap by this much
+    exact_pixels: int = 1 << 20  # larger images: overlapping windows, linear time
+    # (fusion.inference.windows); up to this, exact tiling, whose cost grows with the
+    # square of a ViT's tokens
+    window: int = 512  # side of the windows above exact_pixels, margin included: the
+    # cheapest per pixel in torch on 2 cores (1.1 s per MP; 1.5-1.7 at 384, 640 or 768)
 
     def __post_init__(self) -> None:
         if self.halo < 0 or self.size < 2 * self.halo + 32:
             raise FusionError(f"--tile {self.size} must exceed twice --halo {self.halo} by at "
                               "least 32 pixels (the tile's core)")
+        if self.window < 2 * self.halo + 32:
+            raise FusionError(f"--window {self.window} must exceed twice --halo {self.halo} "
+                              "by at least 32 pixels")
 
 
 MARGIN = 16  # reflected pixels around every image: zero-padded convolutions never see the
@@ -54,12 +64,23 @@ MARGIN = 16  # reflected pixels around every image: zero-padded convolutions nev
 
 def add_margin(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     m = min(MARGIN, a.shape[0] - 1, a.shape[1] - 1)
-    return tuple(np.pad(x, m, mode="reflect") if m > 0 else x for x in (a, b))
+    return tuple(np.pad(x, m, mode="reflect") if m > 0 else np.asarray(x) for x in (a, b))
 
 
 def crop_margin(fused: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     m = (fused.shape[0] - shape[0]) // 2
     return fused[m:m + shape[0], m:m + shape[1]]
+
+
+def fuse_planes(run: Callable[[np.ndarray, np.ndarray], np.ndarray], a: np.ndarray,
+                b: np.ndarray, tiles: TileSpec) -> np.ndarray:
+    """An engine's network (``run``: planes with margin in, fused planes out) over a whole
+    image: with a mirrored margin, or in overlapping windows above ``tiles.exact_pixels``."""
+    if a.size > tiles.exact_pixels:
+        from fusion.inference.windows import fuse_windows
+
+        return fuse_windows(run, a, b, tiles.window, tiles.halo, MARGIN)
+    return crop_margin(run(*add_margin(a, b)), a.shape)
 
 
 class Engine(Protocol):
@@ -96,12 +117,15 @@ class TorchEngine:
                 .to(self.device).contiguous(memory_format=torch.channels_last) for x in (a, b))
 
     def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return fuse_planes(self._run, a, b, self.tiles)
+
+    def _run(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """The network on planes that already carry their margin."""
         import torch
 
         from fusion.inference.tiling import fuse_tiled
 
-        shape = a.shape
-        ta, tb = self._tensors(*add_margin(a, b))
+        ta, tb = self._tensors(a, b)
         h, w = ta.shape[-2:]
         with torch.inference_mode():
             if h <= self.tiles.size and w <= self.tiles.size:
@@ -112,7 +136,7 @@ class TorchEngine:
                 print(f"note: {self.family.name} cannot be tiled exactly; fusing the "
                       f"{w}x{h} image whole (memory grows with the image)", file=sys.stderr)
                 fused = self.model.fuse(ta, tb)
-        return crop_margin(fused[0, 0].float().clamp(0, 1).cpu().numpy(), shape)
+        return fused[0, 0].float().clamp(0, 1).cpu().numpy()
 
     def explain(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch
@@ -141,9 +165,47 @@ def plan(a: ImageInfo, b: ImageInfo) -> Plan:
     return Plan(a.width, a.height, max(a.bits, b.bits), 3 in (a.channels, b.channels))
 
 
-def _luma_plane(image: SourceImage) -> np.ndarray:
-    unit = to_unit(image.pixels)
-    return rgb_to_ycbcr(unit)[..., 0] if image.channels == 3 else unit
+ROWS = 256  # rows converted at a time: the output of a 49 MP image stays small
+
+
+def _row_blocks(height: int) -> list[slice]:
+    return [slice(top, top + ROWS) for top in range(0, height, ROWS)]
+
+
+class UnitPlane:
+    """A decoded source as the grey [0, 1] float32 plane the engines fuse, converted where
+    it is read: windows of a large image convert only themselves, so a 49 MP pair does not
+    hold two float32 planes (392 MB) beside its pixels. ``np.asarray`` gives it whole."""
+
+    ndim, dtype = 2, np.dtype(np.float32)
+
+    def __init__(self, image: SourceImage) -> None:
+        self.image = image
+        self.shape = (image.height, image.width)
+        self.size = image.height * image.width
+
+    def __getitem__(self, key) -> np.ndarray:
+        unit = to_unit(self.image.pixels[key])
+        return rgb_to_ycbcr(unit)[..., 0] if self.image.channels == 3 else unit
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        plane = self[:, :]
+        return plane if dtype is None else plane.astype(dtype, copy=False)
+
+
+def _pixels(y: np.ndarray, colour: SourceImage | None, bits: int) -> np.ndarray:
+    """The fused luma as output pixels, the colour source's chroma put back."""
+    scale = max_value(bits)
+    pixels = np.empty(y.shape + ((3,) if colour is not None else ()),
+                      np.uint16 if bits == 16 else np.uint8)
+    for rows in _row_blocks(y.shape[0]):
+        result = y[rows]
+        if colour is not None:
+            ycbcr = rgb_to_ycbcr(to_unit(colour.pixels[rows]))
+            ycbcr[..., 0] = result
+            result = ycbcr_to_rgb(ycbcr)
+        pixels[rows] = np.clip(np.round(result * scale), 0, scale)
+    return pixels
 
 
 class Fused(NamedTuple):
@@ -162,22 +224,13 @@ def fuse_images(engine: Engine, a: SourceImage, b: SourceImage, explain: bool = 
     if (a.height, a.width) != (b.height, b.width):
         raise FusionError(f"size mismatch: {a.width}x{a.height} vs {b.width}x{b.height}")
     colour = b if b.is_colour else a if a.is_colour else None
-    planes = _luma_plane(a), _luma_plane(b)
+    planes = UnitPlane(a), UnitPlane(b)
     weight = None
     if explain:
         y, weight = engine.explain(*planes)
     else:
         y = engine(*planes)
-    if colour is not None:
-        ycbcr = rgb_to_ycbcr(to_unit(colour.pixels))
-        ycbcr[..., 0] = y
-        result = ycbcr_to_rgb(ycbcr)
-    else:
-        result = y
-    bits = max(a.bits, b.bits)
-    scale = max_value(bits)
-    pixels = np.clip(np.round(result * scale), 0, scale).astype(
-        np.uint16 if bits == 16 else np.uint8)
+    pixels = _pixels(y, colour, max(a.bits, b.bits))
     return Fused(pixels, y, weight)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from fusion.errors import BadInputError, FusionError
-from fusion.inference.fuse import add_margin, crop_margin
+from fusion.inference.fuse import TileSpec, fuse_planes
 
 META = "fusion"  # ONNX metadata key: family, padding multiple
 AXES = {2: "height", 3: "width"}  # the inputs' and output's dynamic dimensions
@@ -84,7 +84,8 @@ def _session(path: Path, threads: int, size: tuple[int, int] | None = None,
 
 
 class OnnxEngine:
-    """Fuses with an exported ONNX file in onnxruntime (CPU), whole images.
+    """Fuses with an exported ONNX file in onnxruntime (CPU): whole images, and overlapping
+    windows above ``tiles.exact_pixels`` (exact tiling needs the torch model).
 
     The file's height and width are dynamic. A size met a second time gets a session of
     its own with them fixed, which onnxruntime plans about 6% faster (measured on a 768x576
@@ -95,14 +96,15 @@ class OnnxEngine:
     KEPT = 4  # fixed-size sessions kept, the least recently used dropped first
 
     def __init__(self, path: Path, session: Any, multiple: int, family: str,
-                 threads: int, gpu: bool = False) -> None:
+                 threads: int, gpu: bool = False, tiles: TileSpec | None = None) -> None:
         self.path, self.session, self.multiple, self.family = path, session, multiple, family
-        self.threads, self.gpu = threads, gpu
+        self.threads, self.gpu, self.tiles = threads, gpu, tiles or TileSpec()
         self.seen: set[tuple[int, int]] = set()
         self.fixed: OrderedDict[tuple[int, int], Any] = OrderedDict()
 
     @classmethod
-    def open(cls, path: str | Path, threads: int = 0, gpu: bool = False) -> OnnxEngine:
+    def open(cls, path: str | Path, threads: int = 0, gpu: bool = False,
+             tiles: TileSpec | None = None) -> OnnxEngine:
         path = Path(path)
         if path.suffix != ".onnx" or not path.is_file():
             raise BadInputError(path, "--engine onnxruntime needs an .onnx file from "
@@ -114,7 +116,7 @@ class OnnxEngine:
         meta = json.loads(session.get_modelmeta().custom_metadata_map.get(META, "{}"))
         if "multiple" not in meta:
             raise BadInputError(path, "not a fusion model export (no fusion metadata)")
-        return cls(path, session, int(meta["multiple"]), meta["family"], threads, gpu)
+        return cls(path, session, int(meta["multiple"]), meta["family"], threads, gpu, tiles)
 
     def _session_for(self, size: tuple[int, int]) -> Any:
         if size in self.fixed:
@@ -129,8 +131,9 @@ class OnnxEngine:
         return self.fixed[size]
 
     def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        shape = a.shape
-        a, b = add_margin(a, b)
+        return fuse_planes(self._run, a, b, self.tiles)
+
+    def _run(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         h, w = a.shape
         ph, pw = -h % self.multiple, -w % self.multiple
         mode = "reflect" if ph < h and pw < w else "edge"
@@ -138,7 +141,7 @@ class OnnxEngine:
                   for x in (a, b)]
         session = self._session_for(planes[0].shape[-2:])
         (fused,) = session.run(None, {"a": planes[0], "b": planes[1]})
-        return crop_margin(np.clip(fused[0, 0, :h, :w], 0.0, 1.0), shape)
+        return np.clip(fused[0, 0, :h, :w], 0.0, 1.0)
 
     def explain(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise FusionError("--explain needs --engine torch")

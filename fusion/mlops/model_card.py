@@ -328,6 +328,8 @@ def _use(f: dict[str, Any]) -> list[str]:
               "and reproduce the whole-image result to float rounding" if traits["exact_tiling"]
               else "this family does not tile exactly: large images are fused whole, and "
               "memory grows with the image")
+    tiling += ("; above `--exact-pixels` (default 1 MP) in overlapping windows, cross-faded, "
+               "in time linear in the pixels, each window's attention seeing only itself")
     held = [name for name, ok in ev["held_out"].items() if ok]
     inside = [name for name, ok in ev["held_out"].items() if not ok]
     lines = ["## Intended use", "",

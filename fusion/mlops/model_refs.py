@@ -132,7 +132,7 @@ def open_engine(params: Params, ref: str, kind: str = "torch", device: str = "",
     if kind == "onnxruntime":
         from fusion.inference.onnx import OnnxEngine
 
-        return OnnxEngine.open(ref, threads=threads)
+        return OnnxEngine.open(ref, threads=threads, tiles=tiles)
     if not is_uri(alias_uri(params, ref)):
         read_config(ref)
     where = str(resolve_device(device or params.train.device))
