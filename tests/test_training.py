@@ -8,7 +8,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -189,31 +188,6 @@ def test_tiled_fusion_equals_whole_image_on_a_real_pair(tiny_runs, family, share
     tiled = TorchEngine(model, get_family(family), TileSpec(size=512, halo=64))(a, b)
     assert abs(whole - tiled).mean() < 1 / 255 / 100
     assert abs(whole - tiled).max() < 1e-4
-
-
-def test_windowed_fusion_of_a_large_image_stays_close_to_exact(tiny_runs, shared_data,
-                                                                tmp_path):
-    """``fusion fuse --exact-pixels``: above it the image is fused in overlapping windows
-    (linear time), said on stderr; the result stays near the exact one, with no seam along
-    the window edges."""
-    from fusion.evaluation.scoring import read_grey
-
-    folder = tiny_runs["dae-fuse"].train.phase_out(2)
-    pair = [str(shared_data / "tno" / m / "01.png") for m in ("ir", "vi")]
-    outs = {}
-    for mode, extra in (("exact", []), ("windows", ["--exact-pixels", "0", "--window", "256",
-                                                    "--halo", "64"])):
-        outs[mode] = tmp_path / f"{mode}.png"
-        run = subprocess.run([sys.executable, "-m", "fusion.cli", "fuse", "--model",
-                              str(folder), "--a", pair[0], "--b", pair[1], "-o",
-                              str(outs[mode]), *extra], cwd=REPO, capture_output=True,
-                             text=True, timeout=300)
-        assert run.returncode == 0, run.stderr
-    assert "768x576 is fused in 20 overlapping windows of 256 pixels" in run.stderr
-    diff = np.abs(read_grey(outs["windows"]) - read_grey(outs["exact"]))
-    assert diff.mean() < 2.0  # grey levels
-    seams = [x + d for x in range(160, 544, 160) for d in (0, 32, 63)]  # window overlaps
-    assert diff[:, seams].mean() < 3 * diff.mean() + 0.5
 
 
 def test_cli_train_without_the_previous_phase_is_a_clear_error(tmp_path):

@@ -2,7 +2,7 @@
 
 Exact tiling (``fusion.inference.tiling``) runs every tile once per global attention layer,
 and a ViT's keys grow with the image, so its cost grows faster than the pixels: a 49 MP
-pair of the default DAE-Fuse has about 191,000 tokens, about 9 TMAC of attention. Above
+pair of the default model has about 191,000 tokens, about 9 TMAC of attention. Above
 ``TileSpec.exact_pixels`` an image is fused the way restoration models fuse large images
 (the tile mode of Restormer's and SwinIR's test scripts): every window sees only itself
 in its attention layers, and neighbours are cross-faded over their overlap, so no seam
