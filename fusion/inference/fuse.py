@@ -6,7 +6,9 @@ treated as grey. The output has the larger bit depth of the two sources, and col
 a source has it; both are decided from the headers, before the model runs, so an output
 format that cannot hold the result is refused at once. Images larger than the tile are
 fused tile by tile with ``fusion.inference.tiling``, which reproduces the whole-image result
-for families that declare exact tiling; the others are fused whole, and say so.
+for families that declare exact tiling; the others are fused whole, and say so. Above
+``TileSpec.exact_pixels`` images are fused in overlapping windows instead
+(``fusion.inference.windows``), in time linear in the pixels.
 """
 
 from __future__ import annotations
@@ -165,13 +167,6 @@ def plan(a: ImageInfo, b: ImageInfo) -> Plan:
     return Plan(a.width, a.height, max(a.bits, b.bits), 3 in (a.channels, b.channels))
 
 
-ROWS = 256  # rows converted at a time: the output of a 49 MP image stays small
-
-
-def _row_blocks(height: int) -> list[slice]:
-    return [slice(top, top + ROWS) for top in range(0, height, ROWS)]
-
-
 class UnitPlane:
     """A decoded source as the grey [0, 1] float32 plane the engines fuse, converted where
     it is read: windows of a large image convert only themselves, so a 49 MP pair does not
@@ -193,12 +188,16 @@ class UnitPlane:
         return plane if dtype is None else plane.astype(dtype, copy=False)
 
 
+ROWS = 256  # rows converted at a time: the output of a 49 MP image stays small
+
+
 def _pixels(y: np.ndarray, colour: SourceImage | None, bits: int) -> np.ndarray:
     """The fused luma as output pixels, the colour source's chroma put back."""
     scale = max_value(bits)
     pixels = np.empty(y.shape + ((3,) if colour is not None else ()),
                       np.uint16 if bits == 16 else np.uint8)
-    for rows in _row_blocks(y.shape[0]):
+    for top in range(0, y.shape[0], ROWS):
+        rows = slice(top, top + ROWS)
         result = y[rows]
         if colour is not None:
             ycbcr = rgb_to_ycbcr(to_unit(colour.pixels[rows]))
