@@ -138,7 +138,8 @@ def _fuse(args: argparse.Namespace, params: Params) -> int:
         from fusion.mlops.model_refs import open_engine
 
         given = {k: v for k, v in (("exact_pixels", args.exact_pixels),
-                                   ("window", args.window)) if v is not None}
+                                   ("window", args.window),
+                                   ("overlap", args.window_overlap)) if v is not None}
         tiles = TileSpec(args.tile, args.halo, **given)
         engine = open_engine(params, args.model, args.engine, args.device or "", tiles,
                              args.threads)
@@ -363,10 +364,12 @@ STAGES = (
                  "equals the whole-image output once it covers the network's reach)"),
         arg("--exact-pixels", type=int, default=None, metavar="N",
             help="images above N pixels (default 1 MP) are fused in overlapping windows, "
-                 "cross-faded over --halo: linear time, attention sees one window; up to "
+                 "cross-faded: linear time, attention sees one window; up to "
                  "N, exactly (torch: tiled; onnxruntime: whole)"),
         arg("--window", type=int, default=None,
             help="window side above --exact-pixels (default 512)"),
+        arg("--window-overlap", type=int, default=None, metavar="PX",
+            help="overlap of neighbouring windows, where they are cross-faded (default 32)"),
         arg("--device", default=None, help="torch device (default: train.device)"),
         arg("--engine", choices=("torch", "onnxruntime"), default="torch",
             help="torch (default; exact tiling of large images) or onnxruntime (a file from "

@@ -162,11 +162,13 @@ def test_windows_cover_the_image_once_and_cross_fade(capsys):
     assert steps < 0.3 / 32  # a hard cut would step by up to 0.26 (row neighbours)
 
 
-def test_a_tile_smaller_than_its_halo_is_refused():
+def test_a_tile_or_window_smaller_than_its_context_is_refused():
     from fusion.errors import FusionError
 
     with pytest.raises(FusionError, match="must exceed twice --halo 48"):
         TileSpec(96, 48)
+    with pytest.raises(FusionError, match="--window-overlap 64 by at least 32"):
+        TileSpec(window=160, overlap=64)
 
 
 def test_discriminators_give_one_logit_per_image():

@@ -43,21 +43,23 @@ from fusion.progress import progress
 @dataclass(frozen=True)
 class TileSpec:
     size: int = 1024  # tile side in pixels; images no larger than this are fused whole
-    halo: int = 64  # context around each tile's core (covers the local layers' reach);
-    # windows overlap by this much
+    halo: int = 64  # context around each tile's core (covers the local layers' reach)
     exact_pixels: int = 1 << 20  # larger images: overlapping windows, linear time
     # (fusion.inference.windows); up to this, exact tiling, whose cost grows with the
     # square of a ViT's tokens
     window: int = 512  # side of the windows above exact_pixels, margin included: the
     # cheapest per pixel in torch on 2 cores (1.1 s per MP; 1.5-1.7 at 384, 640 or 768)
+    overlap: int = 32  # windows overlap by this much beyond their mirrored margin; 64
+    # costs 13 % more windows and scored the same (benchmarks/bench_windows.py)
 
     def __post_init__(self) -> None:
         if self.halo < 0 or self.size < 2 * self.halo + 32:
             raise FusionError(f"--tile {self.size} must exceed twice --halo {self.halo} by at "
                               "least 32 pixels (the tile's core)")
-        if self.window < 2 * self.halo + 32:
-            raise FusionError(f"--window {self.window} must exceed twice --halo {self.halo} "
-                              "by at least 32 pixels")
+        if self.overlap < 0 or self.window < 2 * (MARGIN + self.overlap) + 32:
+            raise FusionError(f"--window {self.window} must exceed twice its margin "
+                              f"({MARGIN}) and --window-overlap {self.overlap} by at least "
+                              "32 pixels")
 
 
 MARGIN = 16  # reflected pixels around every image: zero-padded convolutions never see the
@@ -81,7 +83,7 @@ def fuse_planes(run: Callable[[np.ndarray, np.ndarray], np.ndarray], a: np.ndarr
     if a.size > tiles.exact_pixels:
         from fusion.inference.windows import fuse_windows
 
-        return fuse_windows(run, a, b, tiles.window, tiles.halo, MARGIN)
+        return fuse_windows(run, a, b, tiles.window, tiles.overlap, MARGIN)
     return crop_margin(run(*add_margin(a, b)), a.shape)
 
 

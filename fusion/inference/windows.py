@@ -7,8 +7,8 @@ pair of the default model has about 191,000 tokens, about 9 TMAC of attention. A
 (the tile mode of Restormer's and SwinIR's test scripts): every window sees only itself
 in its attention layers, and neighbours are cross-faded over their overlap, so no seam
 shows. Cost is one forward pass per window; memory is one window plus the image planes.
-The networks were trained on 128-pixel patches, so a 1024-pixel window is still more
-context than they ever saw; what it changes is measured in ``benchmarks/bench_large.py``.
+The networks were trained on 128-pixel patches, so a 512-pixel window is still more
+context than they ever saw; what it changes is measured in ``benchmarks/bench_windows.py``.
 """
 
 from __future__ import annotations
