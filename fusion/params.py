@@ -248,6 +248,7 @@ class SearchParams:
     val_pairs: int = 8  # held-out pairs (split "val" of the manifest) scored; 0: all
     score: list[MetricWeight] = field(default_factory=_default_weights)
     baseline: str = "two-scale"  # the score is the weighted relative gain over this baseline
+    guard: float = 4.0  # minus this times each relative loss in SD, SF, SCD or SSIM
     out: str = "reports/search"  # best.json, trials.csv, optuna.db
     write_params: str = "params.yaml"  # best loss weights written here; "": best.json only
 
@@ -256,6 +257,8 @@ class SearchParams:
         if self.baseline not in BASELINES:
             raise FusionError(f"search.baseline must be one of {BASELINES}, got "
                               f"{self.baseline!r}")
+        if self.guard < 0:
+            raise FusionError(f"search.guard must be >= 0, got {self.guard}")
         if min(self.trials, self.max_concurrent, self.eval_every, *self.steps) < 1:
             raise FusionError("search: trials, max_concurrent, steps and eval_every must be >= 1")
 

@@ -2,6 +2,8 @@
 (The search itself, trials as Ray Train runs with MLflow child runs and a resumed study,
 runs inside the retrain flow test: test_flows.py.)"""
 
+from dataclasses import replace
+
 import optuna
 import pytest
 
@@ -80,3 +82,23 @@ def test_validation_scores_against_the_baseline(tiny_run):
         return (a + b) / 2
     mean_fusion.explains = False
     assert scorer(mean_fusion)[0] < 0
+
+
+def test_the_validation_score_charges_for_what_copying_a_source_gives_up(tiny_run):
+    """Copying source A games the weighted gain (VIF and MI reward it); the search's score
+    subtracts ``search.guard`` times each relative loss in SD, SF, SCD or SSIM against the
+    baseline, computed here by hand from the metric means."""
+    pairs = held_out_pairs(tiny_run)
+
+    def copy_a(a, b):
+        return a
+    copy_a.explains = False
+    unguarded = ValidationScore(pairs, replace(tiny_run, search=replace(tiny_run.search,
+                                                                        guard=0.0)))
+    raw, means = unguarded(copy_a)
+    score, _ = ValidationScore(pairs, tiny_run)(copy_a)
+    base = unguarded.baseline
+    lost = sum(max(0.0, (base[m] - means[m]) / abs(base[m])) for m in ("SD", "SF", "SCD", "SSIM"))
+    assert lost > 0.05 and tiny_run.search.guard == 4.0
+    assert score == pytest.approx(raw - 4.0 * lost, rel=1e-9)
+    assert score < raw - 0.2

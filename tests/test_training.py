@@ -76,6 +76,28 @@ def test_distillation_adds_the_l1_to_the_teachers_fused_image(tiny_runs):
         with_distill(50.0, "")
 
 
+def test_sensor_noise_reaches_the_network_and_not_the_rule_it_is_scored_against(tiny_runs):
+    """``noise`` (a fusion phase's sensor noise): the network fuses noisy inputs, while the
+    rule the gate loss compares with is the rule of the clean sources, bit for bit, so a
+    detail gain that amplifies noise costs. Without it the forward pass is the plain one."""
+    params = tiny_runs["cddfuse"]
+
+    def with_noise(sigma: float):
+        config = replace(params.config, phase2=replace(params.config.phase2, noise=sigma))
+        return replace(params, model=replace(params.model, configs={
+            **params.model.configs, "cddfuse": config}))
+
+    a, b = _fixed_batch(params)
+    init = load_weights(params.train.phase_out(2))
+    with torch.no_grad():
+        plain = Trainer(with_noise(0.0), 2, init=init)._forward(a, b)
+        noisy = Trainer(with_noise(0.05), 2, init=init)._forward(a, b)
+        clean = load_model(params.train.phase_out(2)).train()(a, b, 2)
+    assert torch.equal(noisy["reference"], plain["reference"])
+    assert torch.equal(plain["fused"], clean["fused"])
+    assert (noisy["fused"] - plain["fused"]).std() > 0.01  # the network saw the noise
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_trained_weights_round_trip_through_the_export(tiny_runs, family):
     """The final training state (the last checkpoint) and the exported model give the

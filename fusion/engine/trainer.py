@@ -158,12 +158,25 @@ class Trainer:
             terms["loss"] = terms["loss"] + self.weights.w_distill * terms["distill"]
         return terms
 
+    def _forward(self, a: torch.Tensor, b: torch.Tensor) -> dict:
+        """The phase's outputs; with ``noise`` (the fusion phase's sensor noise) from noisy
+        inputs, the rule they are scored against recomputed on the clean sources."""
+        sigma = getattr(self.weights, "noise", 0.0)
+        if not sigma:
+            return self.net(a, b, self.phase)
+        from fusion.models.layers import two_scale
+
+        out = self.net(*((x + sigma * torch.randn_like(x)).clamp(0, 1) for x in (a, b)),
+                       self.phase)
+        p = self.model.params
+        return {**out, "reference": two_scale(a, b, p.prior_sigma, p.halo_limit)}
+
     def train_step(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
         a, b = a.to(self.device, non_blocking=True), b.to(self.device, non_blocking=True)
         self.net.train()
         metrics: dict[str, float] = {}
         with self._autocast():
-            out = self.net(a, b, self.phase)
+            out = self._forward(a, b)
         if self.critic is not None:  # discriminators first, on detached fakes
             self.cnet.train()
             with self._autocast():

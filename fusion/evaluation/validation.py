@@ -4,7 +4,8 @@ The held-out pairs are the manifest's ``val`` split (never trained on, never a b
 test pair). The score is the weighted mean relative gain (``fusion.evaluation.gain``) of
 the model's metric means over a training-free baseline of the same pairs
 (``search.baseline``, the two-scale rule by default, as the promotion floor): 0 means "as
-good as the baseline", so metrics on different scales combine.
+good as the baseline", so metrics on different scales combine. Each loss in SD, SF, SCD
+or SSIM against the baseline costs ``search.guard`` times itself, as in the gate loss.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from fusion.data.prepared import split_pairs
 from fusion.errors import FusionError
 from fusion.evaluation.evaluate import baselines
-from fusion.evaluation.gain import means, weighted_gain
+from fusion.evaluation.gain import guarded_gain, means
 from fusion.evaluation.scoring import read_grey, score_arrays
 from fusion.inference.fuse import Engine
 from fusion.params import Params
@@ -56,5 +57,6 @@ class ValidationScore:
         """(score, metric means) of a model; a model giving NaN scores ``FAILED``."""
         fused = [np.round(engine(a / 255.0, b / 255.0) * 255.0) for a, b in self.sources]
         scores = self._means(fused)
-        score = weighted_gain(scores, self.baseline, self.params.search.score)
+        search = self.params.search
+        score = guarded_gain(scores, self.baseline, search.score, search.guard)
         return (score if math.isfinite(score) else FAILED), scores

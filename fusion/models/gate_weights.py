@@ -20,6 +20,9 @@ class GateWeights:
     w_scd: float = 1.0
     guard: float = 4.0
     w_distill: float = 0.0  # L1 to the fused image of ``train.teacher``
+    noise: float = 0.0  # std of Gaussian sensor noise added to the network's inputs (0-1
+    # scale); the losses and the rule they compare with see the clean sources, so detail
+    # gains that amplify noise cost (what TNO's noisier sensors punish)
 
     def gains(self) -> dict[str, float]:
         return {"VIF": self.w_vif, "Qabf": self.w_qabf, "SSIM": self.w_ssim, "SCD": self.w_scd}

@@ -11,6 +11,7 @@ import kornia.metrics
 import torch
 import torch.nn.functional as F
 
+from fusion.metric_names import GUARDED
 from fusion.models.gate_weights import GateWeights
 from fusion.models.layers import low_pass
 
@@ -84,7 +85,6 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float = 0.1
     return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
 
 
-GUARDED = ("SD", "SF", "SCD", "SSIM")  # none of these may fall below the reference
 FLOORS = {"VIF": 0.05, "Qabf": 0.05, "SSIM": 0.05, "SCD": 0.05, "SD": 1.0, "SF": 0.5}
 
 
