@@ -72,13 +72,14 @@ def add_margin(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def crop_margin(fused: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    m = (fused.shape[0] - shape[0]) // 2
-    return fused[m:m + shape[0], m:m + shape[1]]
+    m = (fused.shape[-2] - shape[0]) // 2
+    return fused[..., m:m + shape[0], m:m + shape[1]]
 
 
 def fuse_planes(run: Callable[[np.ndarray, np.ndarray], np.ndarray], a: np.ndarray,
                 b: np.ndarray, tiles: TileSpec) -> np.ndarray:
-    """An engine's network (``run``: planes with margin in, fused planes out) over a whole
+    """An engine's network (``run``: planes with margin in, the fused plane out, or a stack
+    of planes (..., H, W) such as the fused image and a contribution map) over a whole
     image: with a mirrored margin, or in overlapping windows above ``tiles.exact_pixels``."""
     if a.size > tiles.exact_pixels:
         from fusion.inference.windows import fuse_windows
@@ -143,13 +144,19 @@ class TorchEngine:
         return fused[0, 0].float().clamp(0, 1).cpu().numpy()
 
     def explain(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The fused plane and the contribution map, in windows above the exact limit as
+        fusion is, so the map of a 49 MP pair costs what its fusion does."""
+        fused, contribution = fuse_planes(self._explain_run, a, b, self.tiles)
+        return fused, contribution
+
+    def _explain_run(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         import torch
 
-        ta, tb = self._tensors(*add_margin(a, b))
+        ta, tb = self._tensors(a, b)
         with torch.inference_mode():
             out = self.model.explain(ta, tb)
-        return tuple(crop_margin(out[k][0, 0].float().clamp(0, 1).cpu().numpy(), a.shape)
-                     for k in ("fused", "contribution"))
+        return np.stack([out[k][0, 0].float().clamp(0, 1).cpu().numpy()
+                         for k in ("fused", "contribution")])
 
 
 @dataclass(frozen=True)

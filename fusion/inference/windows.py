@@ -20,7 +20,7 @@ import numpy as np
 
 from fusion.progress import progress
 
-Run = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (a, b) -> fused, one window, same size
+Run = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (a, b) -> fused (..., H, W), one window
 FLOOR = 1e-6  # smallest blend weight: every pixel keeps a defined (normalised) value
 
 
@@ -72,15 +72,17 @@ def fuse_windows(run: Run, a: np.ndarray, b: np.ndarray, size: int, overlap: int
         norm_y[y:y + ramp.size] += ramp
     for x, ramp in ramps_x.items():
         norm_x[x:x + ramp.size] += ramp
-    out = np.zeros((h, w), np.float32)
+    out = None  # (..., h, w): the run's leading axes (a contribution map beside the image)
     windows = [(y, x) for y in ys for x in xs]
     for y, x in progress(windows, "windows", unit="window"):
         y1, x1 = min(y + size, h), min(x + size, w)
         rows = _reflected(y - margin, y1 + margin, h)  # one shape for every window:
         cols = _reflected(x - margin, x1 + margin, w)  # onnxruntime plans it once
         fused = run(a[np.ix_(rows, cols)], b[np.ix_(rows, cols)])
-        core = fused[margin:margin + y1 - y, margin:margin + x1 - x]
-        out[y:y1, x:x1] += core * np.outer(ramps_y[y], ramps_x[x]).astype(np.float32)
+        if out is None:
+            out = np.zeros(fused.shape[:-2] + (h, w), np.float32)
+        core = fused[..., margin:margin + y1 - y, margin:margin + x1 - x]
+        out[..., y:y1, x:x1] += core * np.outer(ramps_y[y], ramps_x[x]).astype(np.float32)
     out /= norm_y.astype(np.float32)[:, None]
     out /= norm_x.astype(np.float32)[None, :]
     return out
