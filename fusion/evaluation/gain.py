@@ -38,7 +38,7 @@ def weighted_gain(ours: dict[str, float], base: dict[str, float], weights) -> fl
 def guarded_gain(ours: dict[str, float], base: dict[str, float], weights,
                  guard: float) -> float:
     """``weighted_gain`` minus ``guard`` times each relative loss in the ``GUARDED``
-    metrics: the weighted gain alone is won by copying a source (a 12-trial CDDFuse study
+    metrics: the weighted gain alone is won by copying a source (a 12-trial search study
     found +36 % that way at guard 1: docs/quality.md)."""
     lost = sum(max(0.0, -relative_gain(ours[m], base[m], m)) for m in GUARDED if m in base)
     return weighted_gain(ours, base, weights) - guard * lost
