@@ -23,6 +23,7 @@ from torch import nn
 from fusion.engine.exports import Weights, load_model, weights_mismatch
 from fusion.errors import FusionError
 from fusion.models import losses
+from fusion.models.layers import two_scale
 from fusion.params import Params
 
 
@@ -164,8 +165,6 @@ class Trainer:
         sigma = getattr(self.weights, "noise", 0.0)
         if not sigma:
             return self.net(a, b, self.phase)
-        from fusion.models.layers import two_scale
-
         out = self.net(*((x + sigma * torch.randn_like(x)).clamp(0, 1) for x in (a, b)),
                        self.phase)
         p = self.model.params

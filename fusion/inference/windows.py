@@ -44,6 +44,17 @@ def _ramp(start: int, stop: int, length: int, overlap: int) -> np.ndarray:
     return weight
 
 
+def _axis(length: int, size: int, step: int, overlap: int
+          ) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """One axis of the window grid: each window's start and blend ramp, and their sum."""
+    ramps = {s: _ramp(s, min(s + size, length), length, overlap)
+             for s in _starts(length, size, step)}
+    norm = np.zeros(length)
+    for s, ramp in ramps.items():
+        norm[s:s + ramp.size] += ramp
+    return ramps, norm
+
+
 def _reflected(start: int, stop: int, length: int) -> np.ndarray:
     """Indices start..stop-1 of an axis, mirrored at its ends (``np.pad`` mode reflect)."""
     index = np.abs(np.arange(start, stop))
@@ -61,19 +72,12 @@ def fuse_windows(run: Run, a: np.ndarray, b: np.ndarray, size: int, overlap: int
     margin = min(margin, h - 1, w - 1)
     size -= 2 * margin
     step = max(size - overlap, 1)
-    ys, xs = _starts(h, size, step), _starts(w, size, step)
-    print(f"note: {w}x{h} is fused in {len(ys) * len(xs)} overlapping windows of "
+    (ramps_y, norm_y), (ramps_x, norm_x) = (_axis(n, size, step, overlap) for n in (h, w))
+    print(f"note: {w}x{h} is fused in {len(ramps_y) * len(ramps_x)} overlapping windows of "
           f"{size + 2 * margin} pixels (attention sees one window; see `fusion fuse "
           "--help`, --exact-pixels)", file=sys.stderr)
-    ramps_y = {y: _ramp(y, min(y + size, h), h, overlap) for y in ys}
-    ramps_x = {x: _ramp(x, min(x + size, w), w, overlap) for x in xs}
-    norm_y, norm_x = np.zeros(h), np.zeros(w)
-    for y, ramp in ramps_y.items():
-        norm_y[y:y + ramp.size] += ramp
-    for x, ramp in ramps_x.items():
-        norm_x[x:x + ramp.size] += ramp
     out = None  # (..., h, w): the run's leading axes (a contribution map beside the image)
-    windows = [(y, x) for y in ys for x in xs]
+    windows = [(y, x) for y in ramps_y for x in ramps_x]
     for y, x in progress(windows, "windows", unit="window"):
         y1, x1 = min(y + size, h), min(x + size, w)
         rows = _reflected(y - margin, y1 + margin, h)  # one shape for every window:
