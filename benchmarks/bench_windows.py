@@ -4,7 +4,8 @@ quality: the same model on real sets, exact against overlapping windows, scored.
 Windows far smaller than the image stand in for the windows of a 49 MP image (a 512-pixel
 window of a 768x576 TNO pair sees about 3/5 of it, a 256-pixel one about 1/7; a 512 window
 of a 7000^2 image, 1/190). Prints the eight metrics, the promotion gate's weighted gain over the
-two-scale rule, and the mean and 99th percentile of |windowed - exact| in grey levels.
+two-scale rule, and the mean and 99th percentile of |windowed - exact| in grey levels, for
+fp32 windows and bf16 ones (what ``--precision auto`` runs in windows where bf16 is native).
 Usage: python benchmarks/bench_windows.py [--model DIR] [--data ../shared/data]
 """
 
@@ -29,9 +30,12 @@ from fusion.inference.fuse import TileSpec, TorchEngine  # noqa: E402
 from fusion.metric_names import EIGHT  # noqa: E402
 from fusion.params import load_params  # noqa: E402
 
-MODES = [("exact", TileSpec()), ("windows 512, overlap 32", TileSpec(exact_pixels=0)),
-         ("windows 512, overlap 64", TileSpec(exact_pixels=0, overlap=64)),
-         ("windows 256, overlap 32", TileSpec(exact_pixels=0, window=256))]
+WINDOWS = TileSpec(exact_pixels=0)
+MODES = [("exact (fp32)", TileSpec(), "auto"),
+         ("windows 512, overlap 32, fp32", WINDOWS, "fp32"),
+         ("windows 512, overlap 32, bf16", WINDOWS, "bf16"),
+         ("windows 512, overlap 64, fp32", TileSpec(exact_pixels=0, overlap=64), "fp32"),
+         ("windows 256, overlap 32, fp32", TileSpec(exact_pixels=0, window=256), "fp32")]
 
 
 def main() -> None:
@@ -43,7 +47,8 @@ def main() -> None:
     params = load_params()
     family = get_family(read_config(args.model)["family"])
     model = load_model(args.model)
-    engines = {label: TorchEngine(model, family, tiles) for label, tiles in MODES}
+    engines = {label: TorchEngine(model, family, tiles, precision=precision)
+               for label, tiles, precision in MODES}
     print(f"model {args.model} ({family.name}); torch threads "
           f"{os.environ.get('OMP_NUM_THREADS', 'default (all cores)')}\n")
     print(f"| set | mode | {' | '.join(EIGHT)} | gate vs rule | mean diff | p99 diff |")

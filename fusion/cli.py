@@ -19,6 +19,7 @@ from typing import Any
 
 import fusion.models  # noqa: F401  (registers the families: params types their sections)
 from fusion import __version__
+from fusion.device import PRECISIONS
 from fusion.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, BadInputError, FusionError, TransientError
 from fusion.files import write_text
 from fusion.inference.rules import METHODS
@@ -141,8 +142,11 @@ def _fuse(args: argparse.Namespace, params: Params) -> int:
                                    ("window", args.window),
                                    ("overlap", args.window_overlap)) if v is not None}
         tiles = TileSpec(args.tile, args.halo, **given)
+        if args.precision and args.engine != "torch":
+            raise FusionError(f"--precision is torch's; {args.engine} runs the exported "
+                              "fp32 graph")
         engine = open_engine(params, args.model, args.engine, args.device or "", tiles,
-                             args.threads)
+                             args.threads, args.precision or "auto")
     if args.explain and not engine.explains:
         raise FusionError(f"--explain: {args.model} has no contribution map (families that "
                           "have one: see `fusion fuse --help`)")
@@ -371,6 +375,9 @@ STAGES = (
         arg("--window-overlap", type=int, default=None, metavar="PX",
             help="overlap of neighbouring windows, where they are cross-faded (default 32)"),
         arg("--device", default=None, help="torch device (default: train.device)"),
+        arg("--precision", choices=PRECISIONS, default=None,
+            help="torch arithmetic (default auto: bf16 in windows, above --exact-pixels, on "
+                 "CPUs and GPUs with native bf16, about 2x faster there; fp32 otherwise)"),
         arg("--engine", choices=("torch", "onnxruntime"), default="torch",
             help="torch (default; exact tiling of large images) or onnxruntime (a file from "
                  "`fusion export --onnx`, whole images up to --exact-pixels)"),

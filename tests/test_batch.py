@@ -92,6 +92,11 @@ def test_batch_fusion_resumes_after_a_lost_node_and_equals_folder_mode(
                     str(SAMPLE / "ir"), "--b", str(SAMPLE / "vi"), "-o", str(tmp_path / "local"),
                     cwd=tmp_path)
     assert local.returncode == 0, local.stderr
+    refused = run_cli("fuse", "--engine", "onnxruntime", "--precision", "bf16", "--model",
+                      str(onnx), "--a", str(SAMPLE / "ir"), "--b", str(SAMPLE / "vi"), "-o",
+                      str(tmp_path / "bf16"), cwd=tmp_path)
+    assert refused.returncode == 2 and "--precision is torch's" in refused.stderr
+    assert not (tmp_path / "bf16").exists()
     for row in rows[:: len(rows) // 6]:
         path = tmp_path / row["output"]
         client.download_file("batch", f"out/{row['output']}", str(path))

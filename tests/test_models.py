@@ -162,6 +162,27 @@ def test_windows_cover_the_image_once_and_cross_fade(capsys):
     assert steps < 0.3 / 32  # a hard cut would step by up to 0.26 (row neighbours)
 
 
+def test_precision_auto_is_bf16_in_windows_only_where_native_and_close_to_fp32(engines):
+    """``--precision auto``: windows (above ``exact_pixels``) run in bf16 where it is
+    native, the exact path stays fp32; bf16 stays within a grey level of fp32 on average."""
+    from fusion.device import native_bf16
+    from fusion.errors import FusionError
+
+    model, family = engines["dae-fuse"].model, get_family("dae-fuse")
+    a, b = (textured(160, 200, seed=s) / 255.0 for s in (1, 2))
+    windows = TileSpec(exact_pixels=0, window=128, overlap=8)
+    fused = {p: TorchEngine(model, family, windows, precision=p)(a, b)
+             for p in ("auto", "fp32", "bf16")}
+    assert np.abs(fused["bf16"] - fused["fp32"]).mean() * 255 < 1.0
+    assert not np.array_equal(fused["bf16"], fused["fp32"])  # bf16 did run
+    native = native_bf16(torch.device("cpu"))
+    assert np.array_equal(fused["auto"], fused["bf16" if native else "fp32"])
+    exact = {p: TorchEngine(model, family, precision=p)(a, b) for p in ("auto", "fp32")}
+    assert np.array_equal(exact["auto"], exact["fp32"])
+    with pytest.raises(FusionError, match="--precision must be one of auto, fp32, bf16"):
+        TorchEngine(model, family, precision="fp16")
+
+
 def test_a_tile_or_window_smaller_than_its_context_is_refused():
     from fusion.errors import FusionError
 

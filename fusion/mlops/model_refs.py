@@ -126,7 +126,8 @@ def resolve_start(params: Params) -> Start:
 
 
 def open_engine(params: Params, ref: str, kind: str = "torch", device: str = "",
-                tiles: TileSpec | None = None, threads: int = 0) -> Engine:
+                tiles: TileSpec | None = None, threads: int = 0,
+                precision: str = "auto") -> Engine:
     """A model reference (or, for onnxruntime, an ``.onnx`` file from ``fusion export``) as
     an inference engine; a model folder's config is checked before torch is imported."""
     if kind == "onnxruntime":
@@ -137,4 +138,4 @@ def open_engine(params: Params, ref: str, kind: str = "torch", device: str = "",
         read_config(ref)
     where = str(resolve_device(device or params.train.device))
     family, model = load_ref(params, ref, where)
-    return TorchEngine(model, family, tiles or TileSpec(), where)
+    return TorchEngine(model, family, tiles or TileSpec(), where, precision)
