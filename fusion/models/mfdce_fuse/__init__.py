@@ -55,9 +55,16 @@ class AutoencoderLoss:
 class FusionLoss(GateWeights):
     """Phase 2: the gate loss (``fusion.models.losses.gate_loss``), the contribution-weighted
     perceptual loss (in our own frozen encoder's feature space), texture and low-pass
-    intensity terms, and the disentanglement loss."""
+    intensity terms, and the disentanglement loss. The gate weights are the ones this
+    family's search study found (docs/quality.md): they beat the shared defaults on every
+    full set, in two seeds."""
 
-    w_percep: float = 1.0
+    w_vif: float = 0.413
+    w_qabf: float = 2.71
+    w_ssim: float = 2.31
+    w_scd: float = 0.631
+    guard: float = 1.61
+    w_percep: float = 1.29
     w_text: float = 0.0
     w_int: float = 0.0
     w_disentangle: float = 0.1
