@@ -112,23 +112,23 @@ class TorchEngine:
         from fusion.device import native_bf16
         from fusion.models.layers import fold_norms
 
+        if precision not in PRECISIONS:
+            raise FusionError(f"--precision must be one of {', '.join(PRECISIONS)}, "
+                              f"not {precision!r}")
         # a private copy in inference form (the caller may go on training its model);
         # channels-last: the 1x1 and depthwise convolutions run about 20% faster on CPU
         self.model = fold_norms(copy.deepcopy(model)).to(device=device,
                                                           memory_format=torch.channels_last)
         self.family, self.tiles, self.device = family, tiles, device
         self.explains = family.explains
-        if precision not in PRECISIONS:
-            raise FusionError(f"--precision must be one of {', '.join(PRECISIONS)}, "
-                              f"not {precision!r}")
         self.precision = precision
         self._bf16_native = native_bf16(torch.device(device))
 
     def _bf16(self, a: np.ndarray) -> bool:
-        """bf16 for windowed images where it is native (``auto``; about 2x faster per
-        window on an AVX512-BF16 CPU, measured in ``benchmarks/bench_windows.py``): windows
-        are an approximation already, while the exact path stays fp32, equal to the
-        whole-image result."""
+        """bf16 for windowed images where it is native (``auto``): about 2x faster on an
+        AVX512-BF16 CPU (``benchmarks/bench_large.py``) at unchanged scores
+        (``benchmarks/bench_windows.py``). Windows are an approximation already; the exact
+        path stays fp32, equal to the whole-image result."""
         if self.precision == "auto":
             return self._bf16_native and a.size > self.tiles.exact_pixels
         return self.precision == "bf16"
